@@ -7,21 +7,38 @@ import type { Command } from "./lib/cli.ts";
 
 export const VERSION = "0.1.0";
 
-/** Command name → module. Imported lazily so `map` never loads the ublk code. */
-const COMMANDS: Record<string, () => Promise<{ command: Command }>> = {
-  attach: () => import("./lib/commands/attach.ts"),
-  detach: () => import("./lib/commands/detach.ts"),
-  stat: () => import("./lib/commands/stat.ts"),
-  map: () => import("./lib/commands/map.ts"),
-  doctor: () => import("./lib/commands/doctor.ts"),
+type Loader = () => Promise<{ command: Command }>;
+
+/** Command name → one-line summary and module, imported lazily so `map` never loads ublk code. */
+const COMMANDS: Record<string, { summary: string; load: Loader }> = {
+  attach: {
+    summary: "attach FILE as /dev/ublkbN and print the device (like losetup -f --show)",
+    load: () => import("./lib/commands/attach.ts"),
+  },
+  detach: {
+    summary: "detach a device (DEV, FILE or --all): flush, stop, delete, release the file",
+    load: () => import("./lib/commands/detach.ts"),
+  },
+  stat: {
+    summary: "show attached devices, their IO paths, lease state and counters",
+    load: () => import("./lib/commands/stat.ts"),
+  },
+  map: {
+    summary: "show a file's extents and which of them fastloop can reach directly",
+    load: () => import("./lib/commands/map.ts"),
+  },
+  doctor: {
+    summary: "report what this kernel offers fastloop (ublk, io_uring, privileges)",
+    load: () => import("./lib/commands/doctor.ts"),
+  },
 };
 
 /** Internal entry points of the background processes `attach` starts (not shown in help). */
-const INTERNAL: Record<string, () => Promise<{ command: Command }>> = {
+const INTERNAL: Record<string, Loader> = {
   "__server": () => import("./lib/commands/server.ts"),
 };
 
-async function usage(): Promise<string> {
+function usage(): string {
   const lines = [
     "Usage: fastloop COMMAND [ARGS...]",
     "",
@@ -30,12 +47,8 @@ async function usage(): Promise<string> {
     "",
     "Commands:",
   ];
-  for (const [name, load] of Object.entries(COMMANDS)) {
-    try {
-      lines.push(`  ${name.padEnd(8)} ${(await load()).command.summary}`);
-    } catch {
-      lines.push(`  ${name}`);
-    }
+  for (const [name, { summary }] of Object.entries(COMMANDS)) {
+    lines.push(`  ${name.padEnd(8)} ${summary}`);
   }
   lines.push(
     "",
@@ -49,14 +62,14 @@ async function usage(): Promise<string> {
 export async function main(args: string[]): Promise<number> {
   const [name, ...rest] = args;
   if (name === undefined || name === "--help" || name === "-h" || name === "help") {
-    console.log(await usage());
+    console.log(usage());
     return name === undefined ? ExitCode.usage : ExitCode.ok;
   }
   if (name === "--version" || name === "version") {
     console.log(`fastloop ${VERSION}`);
     return ExitCode.ok;
   }
-  const load = COMMANDS[name] ?? INTERNAL[name];
+  const load = COMMANDS[name]?.load ?? INTERNAL[name];
   if (!load) {
     throw new UserError(
       `Unknown command ${JSON.stringify(name)} (see 'fastloop --help')`,
