@@ -1,0 +1,339 @@
+//! `deno task bench`, VM part: fastloop side by side with the raw device region under the file,
+//! the kernel loop device (buffered) and the loop device with direct IO, on one ext4 filesystem on
+//! the VM's virtio disk, in one boot so the ratios hold on a noisy machine.
+//!
+//! Run inside the test VM (scripts/bench.sh does that): needs /dev/vda empty, fio, mkfs.ext4,
+//! filefrag, losetup. Prints a markdown table and writes it to bench-results/.
+
+import { parseArgs } from "node:util";
+
+const { values: opts } = parseArgs({
+  args: Deno.args,
+  options: {
+    disk: { type: "string", default: "/dev/vda" },
+    "file-mib": { type: "string", default: "512" },
+    runtime: { type: "string", default: "6" },
+    repeats: { type: "string", default: "3" },
+    out: { type: "string", default: "bench-results" },
+    "copy-mib": { type: "string", default: "2048" },
+    only: { type: "string" },
+  },
+});
+
+const disk = opts.disk!;
+const fileBytes = Number(opts["file-mib"]) * 1024 * 1024;
+const runtimeSec = Number(opts.runtime);
+const repeats = Number(opts.repeats);
+const mnt = "/mnt/bench";
+const backingFile = `${mnt}/backing.img`;
+
+interface Cell {
+  name: string;
+  rw: string;
+  bs: string;
+  iodepth: number;
+}
+const CELLS: Cell[] = [
+  { name: "4k randread QD1", rw: "randread", bs: "4k", iodepth: 1 },
+  { name: "4k randread QD32", rw: "randread", bs: "4k", iodepth: 32 },
+  { name: "1M read QD8", rw: "read", bs: "1M", iodepth: 8 },
+  { name: "4k randwrite QD32", rw: "randwrite", bs: "4k", iodepth: 32 },
+  { name: "1M write QD8", rw: "write", bs: "1M", iodepth: 8 },
+];
+
+interface Sample {
+  iops: number;
+  bwKiBs: number;
+  p50us: number;
+  p99us: number;
+  cpuUsPerIo: number;
+  cacheGrowthKiB: number;
+}
+
+async function sh(cmd: string, check = true): Promise<string> {
+  const out = await new Deno.Command("sh", { args: ["-c", cmd], stdout: "piped", stderr: "piped" })
+    .output();
+  const text = new TextDecoder().decode(out.stdout);
+  if (check && !out.success) {
+    throw new Error(`${cmd}: exit ${out.code}: ${new TextDecoder().decode(out.stderr).trim()}`);
+  }
+  return text;
+}
+
+/** Busy jiffies (user+nice+system+irq+softirq+steal) of the whole VM, all CPUs. */
+async function busyJiffies(): Promise<number> {
+  const line = (await Deno.readTextFile("/proc/stat")).split("\n")[0]!;
+  const f = line.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal
+  return f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
+}
+
+async function cachedKiB(): Promise<number> {
+  const m = (await Deno.readTextFile("/proc/meminfo")).match(/^Cached:\s+(\d+) kB/m);
+  return Number(m?.[1] ?? 0);
+}
+
+async function dropCaches(): Promise<void> {
+  await sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
+interface Target {
+  name: string;
+  device: string;
+  /** fio offset/size of the region used on `device`. */
+  offset: number;
+  size: number;
+}
+
+async function runCell(target: Target, cell: Cell): Promise<Sample> {
+  await dropCaches();
+  const cpu0 = await busyJiffies();
+  const cache0 = await cachedKiB();
+  const json = await sh(
+    [
+      "fio --output-format=json --name=cell --ioengine=io_uring --direct=1",
+      `--filename=${target.device} --offset=${target.offset} --size=${target.size}`,
+      `--rw=${cell.rw} --bs=${cell.bs} --iodepth=${cell.iodepth} --numjobs=1`,
+      `--time_based --runtime=${runtimeSec} --ramp_time=1 --randrepeat=0 --norandommap`,
+    ].join(" "),
+  );
+  const cpu1 = await busyJiffies();
+  const cache1 = await cachedKiB();
+  const job = JSON.parse(json.slice(json.indexOf("{"))).jobs[0];
+  const side = cell.rw.includes("write") ? job.write : job.read;
+  const pct = side.clat_ns.percentile ?? {};
+  const ios = job.read.total_ios + job.write.total_ios;
+  const hz = 100; // USER_HZ
+  return {
+    iops: side.iops,
+    bwKiBs: side.bw,
+    p50us: (pct["50.000000"] ?? 0) / 1000,
+    p99us: (pct["99.000000"] ?? 0) / 1000,
+    // ramp_time IOs are not in total_ios, so this slightly overstates CPU per IO for everyone.
+    cpuUsPerIo: ios > 0 ? ((cpu1 - cpu0) / hz) * 1e6 / ios : 0,
+    cacheGrowthKiB: Math.max(0, cache1 - cache0),
+  };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)]!;
+}
+
+/** The longest physically contiguous run of the file, from filefrag (an independent view). */
+async function longestPhysicalRun(path: string): Promise<{ offset: number; size: number }> {
+  const text = await sh(`filefrag -v -b4096 ${path}`);
+  let best = { offset: 0, size: 0 };
+  let cur = { start: -1, end: -1 };
+  for (const line of text.split("\n")) {
+    const m = line.match(/^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):\s+(\d+):/);
+    if (!m) continue;
+    const start = Number(m[1]);
+    const end = Number(m[2]) + 1;
+    if (start === cur.end) cur.end = end;
+    else cur = { start, end };
+    const size = (cur.end - cur.start) * 4096;
+    if (size > best.size) best = { offset: cur.start * 4096, size };
+  }
+  return best;
+}
+
+async function fastloopAvailable(): Promise<boolean> {
+  const r = await new Deno.Command("fastloop", { args: ["doctor"], stdout: "null", stderr: "null" })
+    .output().catch(() => null);
+  return r?.success ?? false;
+}
+
+async function main() {
+  const kernel = (await sh("uname -r")).trim();
+  await sh(`mkfs.ext4 -q -F ${disk} && mkdir -p ${mnt} && mount ${disk} ${mnt}`);
+  try {
+    // Fully written backing file: every block allocated and written, same for every contender.
+    await sh(
+      `fio --name=fill --filename=${backingFile} --size=${fileBytes} --rw=write --bs=1M ` +
+        `--ioengine=io_uring --direct=1 --iodepth=8 --end_fsync=1 --output=/dev/null`,
+    );
+    const raw = await longestPhysicalRun(backingFile);
+    const region = Math.min(raw.size, fileBytes);
+    const targets: Array<() => Promise<{ target: Target; cleanup: () => Promise<void> }>> = [
+      () =>
+        Promise.resolve({
+          target: { name: "raw device", device: disk, offset: raw.offset, size: region },
+          cleanup: () => Promise.resolve(),
+        }),
+      async () => {
+        const dev = (await sh(`losetup -f --show ${backingFile}`)).trim();
+        return {
+          target: { name: "loop buffered", device: dev, offset: 0, size: region },
+          cleanup: async () => void await sh(`losetup -d ${dev}`),
+        };
+      },
+      async () => {
+        const dev = (await sh(`losetup -f --show --direct-io=on ${backingFile}`)).trim();
+        return {
+          target: { name: "loop direct-io", device: dev, offset: 0, size: region },
+          cleanup: async () => void await sh(`losetup -d ${dev}`),
+        };
+      },
+    ];
+    if (await fastloopAvailable()) {
+      targets.push(async () => {
+        const dev = (await sh(`fastloop attach ${backingFile}`)).trim();
+        return {
+          target: { name: "fastloop", device: dev, offset: 0, size: region },
+          cleanup: async () => void await sh(`fastloop detach ${dev}`),
+        };
+      });
+    } else {
+      console.error("bench: fastloop cannot attach on this kernel (fastloop doctor failed)");
+    }
+
+    const results = new Map<string, Map<string, Sample[]>>();
+    const names: string[] = [];
+    for (const make of targets) {
+      const { target, cleanup } = await make();
+      if (opts.only && !target.name.includes(opts.only)) {
+        await cleanup();
+        continue;
+      }
+      names.push(target.name);
+      try {
+        for (const cell of CELLS) {
+          const samples: Sample[] = [];
+          for (let i = 0; i < repeats; i++) samples.push(await runCell(target, cell));
+          if (!results.has(cell.name)) results.set(cell.name, new Map());
+          results.get(cell.name)!.set(target.name, samples);
+          const m = median(samples.map((s) => s.iops));
+          console.error(`bench: ${target.name} ${cell.name}: median ${m.toFixed(0)} IOPS`);
+        }
+      } finally {
+        await cleanup();
+      }
+    }
+    let table = render(kernel, region, names, results);
+    if (!opts.only) table += "\n" + await sparseCopyScenario(targets.length > 3);
+    console.log(table);
+    await Deno.mkdir(opts.out!, { recursive: true });
+    const file = `${opts.out}/bench-${kernel}-${new Date().toISOString().slice(0, 19)}.md`;
+    await Deno.writeTextFile(file, table);
+    console.error(`bench: table written to ${file}`);
+  } finally {
+    await sh(`umount ${mnt}`, false);
+  }
+}
+
+/**
+ * The RFC thread's report: a big copy onto ext4 that lives on a *sparse* backing file, so every
+ * write allocates. Buffered writes through the inner filesystem, 1 MiB at a time; a "stall" is
+ * the longest single write() plus the final fsync.
+ */
+async function sparseCopyScenario(withFastloop: boolean): Promise<string> {
+  const copyBytes = Number(opts["copy-mib"]) * 1024 * 1024;
+  const sparse = `${mnt}/sparse.img`;
+  const inner = "/mnt/inner";
+  const contenders: Array<[string, () => Promise<string>, (dev: string) => Promise<unknown>]> = [
+    ["loop buffered", () => sh(`losetup -f --show ${sparse}`), (d) => sh(`losetup -d ${d}`)],
+    [
+      "loop direct-io",
+      () => sh(`losetup -f --show --direct-io=on ${sparse}`),
+      (d) => sh(`losetup -d ${d}`),
+    ],
+  ];
+  if (withFastloop) {
+    contenders.push([
+      "fastloop",
+      () => sh(`fastloop attach ${sparse}`),
+      (d) => sh(`fastloop detach ${d}`),
+    ]);
+  }
+  const lines = [
+    `## Sparse-file copy: ${copyBytes >> 20} MiB written through ext4 on a sparse backing file`,
+    "",
+    "| contender | total s | MiB/s | slowest second MiB/s | longest write() ms | final fsync ms |",
+    "|---|---|---|---|---|---|",
+  ];
+  const chunk = new Uint8Array(1 << 20);
+  for (const [name, attach, detach] of contenders) {
+    await sh(`rm -f ${sparse} && truncate -s ${2 * copyBytes + (1 << 30)} ${sparse}`);
+    const dev = (await attach()).trim();
+    try {
+      await sh(`mkfs.ext4 -q -F ${dev} && mkdir -p ${inner} && mount ${dev} ${inner}`);
+      await dropCaches();
+      const f = await Deno.open(`${inner}/copy.bin`, { write: true, create: true });
+      const t0 = performance.now();
+      let longest = 0;
+      const perSecond: number[] = [];
+      for (let done = 0; done < copyBytes; done += chunk.length) {
+        chunk[0] = done & 0xff; // not all-zero pages, in case anything below dedups
+        const w0 = performance.now();
+        await f.write(chunk);
+        const w1 = performance.now();
+        longest = Math.max(longest, w1 - w0);
+        const second = Math.floor((w1 - t0) / 1000);
+        perSecond[second] = (perSecond[second] ?? 0) + chunk.length;
+      }
+      const s0 = performance.now();
+      await f.sync();
+      const fsyncMs = performance.now() - s0;
+      f.close();
+      const totalS = (performance.now() - t0) / 1000;
+      const seconds = Array.from(perSecond, (b) => (b ?? 0) / 1048576);
+      // The last partial second is not a stall.
+      const slowest = seconds.length > 1 ? Math.min(...seconds.slice(0, -1)) : seconds[0] ?? 0;
+      lines.push(
+        `| ${name} | ${totalS.toFixed(1)} | ${(copyBytes / 1048576 / totalS).toFixed(0)} | ${
+          slowest.toFixed(0)
+        } | ${longest.toFixed(0)} | ${fsyncMs.toFixed(0)} |`,
+      );
+      console.error(
+        `bench: sparse copy ${name}: ${totalS.toFixed(1)} s, longest write ${
+          longest.toFixed(0)
+        } ms`,
+      );
+    } finally {
+      await sh(`umount ${inner}`, false);
+      await detach(dev);
+      await sh(`rm -f ${sparse}`, false);
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+function render(
+  kernel: string,
+  regionBytes: number,
+  names: string[],
+  results: Map<string, Map<string, Sample[]>>,
+): string {
+  const fmt = (n: number, digits = 0) => n.toFixed(digits);
+  const lines = [
+    `# fastloop benchmark — kernel ${kernel}, ${regionBytes >> 20} MiB region, ` +
+    `${repeats} runs × ${runtimeSec}s per cell (median [min–max]); ratio = median / raw median`,
+    "",
+    "| cell | contender | IOPS | ratio | MiB/s | p50 µs | p99 µs | p99 ratio | CPU µs/IO | page cache +KiB |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ];
+  for (const [cell, byTarget] of results) {
+    const raw = byTarget.get("raw device");
+    const rawIops = raw ? median(raw.map((s) => s.iops)) : NaN;
+    const rawP99 = raw ? median(raw.map((s) => s.p99us)) : NaN;
+    for (const name of names) {
+      const s = byTarget.get(name);
+      if (!s) continue;
+      const iops = s.map((x) => x.iops);
+      const p99 = median(s.map((x) => x.p99us));
+      lines.push(
+        `| ${cell} | ${name} | ${fmt(median(iops))} [${fmt(Math.min(...iops))}–${
+          fmt(Math.max(...iops))
+        }] | ${fmt(median(iops) / rawIops, 2)} | ${
+          fmt(median(s.map((x) => x.bwKiBs)) / 1024, 1)
+        } | ${fmt(median(s.map((x) => x.p50us)))} | ${fmt(p99)} | ${fmt(p99 / rawP99, 2)} | ${
+          fmt(median(s.map((x) => x.cpuUsPerIo)), 1)
+        } | ${fmt(Math.max(...s.map((x) => x.cacheGrowthKiB)))} |`,
+      );
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+await main();
