@@ -1,0 +1,286 @@
+//! `fastloop attach FILE`: validate, start the device's server in the background, wait until it
+//! reports the device live (or why not), print `/dev/ublkbN` — like `losetup -f --show`.
+//!
+//! The server is this same program (`lib/self_exec.ts`) run as `fastloop __server`, detached:
+//! its own session, stdin closed, stdout a pipe that carries exactly one readiness line, stderr a
+//! pipe until the server points it at its log file. `attach` then lets go of it (`unref`), so the
+//! server outlives it. The server undoes its own half-made start-up before it reports a failure;
+//! if it never reports, `attach` kills it and removes whatever it left.
+
+import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
+import { ExitCode, UsageError, UserError } from "../errors.ts";
+import { ensureRunDir, listRecords, logDir } from "../registry.ts";
+import { selfCommand } from "../self_exec.ts";
+import {
+  DEPTH_DEFAULT,
+  DEPTH_MAX,
+  DEPTH_MIN,
+  QUEUES_DEFAULT,
+  QUEUES_MAX,
+  QUEUES_MIN,
+  requireRoot,
+  validateAttachFile,
+} from "../validate.ts";
+import { cleanupDeadDevice } from "./detach.ts";
+
+/** How long a server may take to bring a device up (Deno start-up under TCG is seconds). */
+const READY_TIMEOUT_MS_DEFAULT = 60_000;
+
+const HELP = `Usage: fastloop attach FILE [--read-only] [--queues N] [--depth N] [--json]
+
+Attach the regular file FILE as a ublk block device and print its path (/dev/ublkbN).
+IO goes straight to the file's blocks on the filesystem's own device where that is safe, and
+through the file (O_DIRECT) everywhere else. The file is guarded by a lease while attached.
+
+Options:
+  --read-only    attach read-only (a read lease; the device refuses writes)
+  --queues N     number of IO queues, one thread each (${QUEUES_MIN}..${QUEUES_MAX}, default ${QUEUES_DEFAULT})
+  --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT})
+  --no-recover   do not create the device recoverable (IO fails at once if the server dies)
+  --json         print a JSON object instead of the device path
+  -h, --help     show this help
+
+Exit codes: 0 attached, 2 usage, 3 unusable file, 4 file in use or already attached,
+5 no ublk in this kernel, 6 not root, 1 other failure.`;
+
+export const command: Command = {
+  summary: "attach FILE as /dev/ublkbN and print the device (like losetup -f --show)",
+  help: HELP,
+  async run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs("attach", args, {
+      "read-only": { type: "boolean", short: "r" },
+      "queues": { type: "string" },
+      "depth": { type: "string" },
+      "no-recover": { type: "boolean" },
+      "json": { type: "boolean" },
+    });
+    if (positionals.length !== 1) {
+      throw new UsageError(
+        `attach: expected exactly one FILE, got ${positionals.length} (see 'fastloop attach --help')`,
+      );
+    }
+    const readOnly = values["read-only"] ?? false;
+    const queues = parseIntFlag(
+      "attach",
+      "queues",
+      values.queues,
+      QUEUES_DEFAULT,
+      QUEUES_MIN,
+      QUEUES_MAX,
+    );
+    const depth = parseIntFlag(
+      "attach",
+      "depth",
+      values.depth,
+      DEPTH_DEFAULT,
+      DEPTH_MIN,
+      DEPTH_MAX,
+    );
+    requireRoot("attach");
+    const target = validateAttachFile(positionals[0]!, readOnly);
+
+    ensureRunDir();
+    const logPath = `${logDir()}/${logName(target.path)}`;
+    const serverArgs = [
+      "__server",
+      target.path,
+      "--log",
+      logPath,
+      "--queues",
+      String(queues),
+      "--depth",
+      String(depth),
+      "--dev",
+      target.dev,
+      "--ino",
+      target.ino,
+    ];
+    if (readOnly) serverArgs.push("--read-only");
+    if (values["no-recover"]) serverArgs.push("--no-recover");
+    const [program, ...programArgs] = selfCommand(serverArgs);
+    const child = new Deno.Command(program!, {
+      args: programArgs,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      detached: true,
+    }).spawn();
+
+    const ready = await awaitReadiness(child, readyTimeoutMs());
+    if (ready.kind === "ok") {
+      child.unref();
+      const reply = ready.reply;
+      if (values.json) {
+        const { ok: _ok, ...rest } = reply;
+        console.log(JSON.stringify(rest));
+      } else {
+        console.log(String(reply["device"]));
+        if (reply["mode"] === "file" && typeof reply["reason"] === "string") {
+          console.error(
+            `fastloop: note: ${target.path} is served through the file: ${reply["reason"]}`,
+          );
+        }
+      }
+      return ExitCode.ok;
+    }
+
+    if (ready.kind === "failed") {
+      // The server undid its start-up before reporting; wait so no process is left when we exit.
+      await waitExit(child, 10_000);
+      removeQuietly(logPath);
+      const code = Object.values(ExitCode).includes(ready.exitCode as ExitCode)
+        ? ready.exitCode as ExitCode
+        : ExitCode.failure;
+      throw new UserError(ready.error, code);
+    }
+
+    // No readiness line: the server died or hung. Make sure it is gone, then remove leftovers.
+    const status = await killAndReap(child);
+    for (const { record } of listRecords()) {
+      if (record.server.pid === child.pid) await cleanupDeadDevice(record);
+    }
+    const detail = lastLine(ready.stderr) || lastLine(readLog(logPath));
+    const what = ready.kind === "timeout"
+      ? `did not report within ${readyTimeoutMs() / 1000} s and was stopped`
+      : `exited (${status}) before the device was live`;
+    throw new UserError(
+      `The server for ${target.path} ${what}${detail ? `: ${detail}` : ""} (log: ${logPath})`,
+      ExitCode.failure,
+    );
+  },
+};
+
+function readyTimeoutMs(): number {
+  const env = Number(Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS"));
+  return Number.isFinite(env) && env > 0 ? env : READY_TIMEOUT_MS_DEFAULT;
+}
+
+/** `<file name>-<time>-<attach pid>.log`, safe for a file name whatever FILE was called. */
+function logName(filePath: string): string {
+  const base = (filePath.split("/").pop() ?? "file").replace(/[^A-Za-z0-9._-]/g, "_").slice(0, 64);
+  const stamp = new Date().toISOString().replace(/[-:]/g, "").replace(/\..*$/, "");
+  return `${base || "file"}-${stamp}-${Deno.pid}.log`;
+}
+
+type Readiness =
+  | { kind: "ok"; reply: Record<string, unknown> }
+  | { kind: "failed"; error: string; exitCode: number }
+  | { kind: "eof" | "timeout"; stderr: string };
+
+/**
+ * Reads the server's one readiness line. Its stderr is collected meanwhile: it holds whatever the
+ * server printed before it switched to its log (e.g. Deno failing to start).
+ */
+async function awaitReadiness(child: Deno.ChildProcess, timeoutMs: number): Promise<Readiness> {
+  const decoder = new TextDecoder();
+  let stderrText = "";
+  const stderrReader = child.stderr.getReader();
+  const stderrDone = (async () => {
+    try {
+      for (;;) {
+        const { value, done } = await stderrReader.read();
+        if (done) break;
+        if (stderrText.length < 65536) stderrText += decoder.decode(value, { stream: true });
+      }
+    } catch {
+      // Cancelled.
+    }
+  })();
+
+  const reader = child.stdout.getReader();
+  let stdoutText = "";
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((
+    r,
+  ) => (timer = setTimeout(() => r("timeout"), timeoutMs)));
+  let line: string | null = null;
+  let timedOut = false;
+  try {
+    for (;;) {
+      const next = await Promise.race([reader.read(), timeout]);
+      if (next === "timeout") {
+        timedOut = true;
+        break;
+      }
+      if (next.done) break;
+      stdoutText += decoder.decode(next.value, { stream: true });
+      const nl = stdoutText.indexOf("\n");
+      if (nl >= 0) {
+        line = stdoutText.slice(0, nl);
+        break;
+      }
+    }
+  } finally {
+    clearTimeout(timer);
+    await reader.cancel().catch(() => {});
+  }
+  if (line === null) {
+    // Give stderr a moment to reach EOF (the server may still be writing its last words).
+    let wait: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([stderrDone, new Promise((r) => (wait = setTimeout(r, 1000)))]);
+    clearTimeout(wait);
+  }
+  await stderrReader.cancel().catch(() => {});
+  if (line === null) return { kind: timedOut ? "timeout" : "eof", stderr: stderrText };
+  let reply: Record<string, unknown>;
+  try {
+    reply = JSON.parse(line);
+  } catch {
+    return { kind: "eof", stderr: `unexpected output: ${line.slice(0, 200)}` };
+  }
+  if (reply["ok"] === true && typeof reply["device"] === "string") return { kind: "ok", reply };
+  return {
+    kind: "failed",
+    error: typeof reply["error"] === "string" ? reply["error"] : "The server failed to start",
+    exitCode: typeof reply["exitCode"] === "number" ? reply["exitCode"] : ExitCode.failure,
+  };
+}
+
+async function waitExit(child: Deno.ChildProcess, timeoutMs: number): Promise<string | null> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const status = await Promise.race([
+    child.status,
+    new Promise<null>((r) => (timer = setTimeout(() => r(null), timeoutMs))),
+  ]);
+  clearTimeout(timer);
+  if (status === null) return null;
+  return status.signal ? `signal ${status.signal}` : `status ${status.code}`;
+}
+
+/** SIGTERM (the server cleans up), then SIGKILL if it does not exit in 10 s. */
+async function killAndReap(child: Deno.ChildProcess): Promise<string> {
+  try {
+    child.kill("SIGTERM");
+  } catch {
+    // Already exited.
+  }
+  const status = await waitExit(child, 10_000);
+  if (status !== null) return status;
+  try {
+    child.kill("SIGKILL");
+  } catch {
+    // Exited at the last moment.
+  }
+  return (await waitExit(child, 5_000)) ?? "unkillable";
+}
+
+function lastLine(text: string): string {
+  const lines = text.split("\n").map((l) => l.trim()).filter((l) => l !== "");
+  return (lines[lines.length - 1] ?? "").slice(0, 300);
+}
+
+function readLog(path: string): string {
+  try {
+    return Deno.readTextFileSync(path);
+  } catch {
+    return "";
+  }
+}
+
+function removeQuietly(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch {
+    // Never created.
+  }
+}

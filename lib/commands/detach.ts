@@ -1,0 +1,243 @@
+//! `fastloop detach DEV|FILE... | --all [--force]`: ask each device's server to stop, drain,
+//! flush, delete the device and release the file, and wait until it has exited. A device in use
+//! (mounted, held exclusively, open by a process) is refused unless `--force`. A device whose
+//! server is dead is cleaned up here directly: DEL_DEV through `/dev/ublk-control`, record removed.
+
+import { EBUSY, ENODEV, SyscallError } from "../../ffi/errno.ts";
+import { close, O_EXCL, O_RDONLY, open } from "../../ffi/libc.ts";
+import { type Command, parseCommandArgs } from "../cli.ts";
+import { ExitCode, UsageError, UserError } from "../errors.ts";
+import {
+  controlRequest,
+  type DeviceRecord,
+  listRecords,
+  processAlive,
+  readRecord,
+  type RegistryEntry,
+  removeRecord,
+  resolve,
+} from "../registry.ts";
+import { blockDeviceNumbers, mountPointsOf, processesUsing, requireRoot } from "../validate.ts";
+
+/** A detach flushes everything acknowledged: give a slow disk time. */
+const DETACH_TIMEOUT_MS = 120_000;
+/** After answering, the server still closes its files and exits. */
+const EXIT_TIMEOUT_MS = 30_000;
+
+const HELP = `Usage: fastloop detach DEV|FILE... [--force]
+       fastloop detach --all [--force]
+
+Detach devices attached by fastloop: in-flight IO is drained, everything acknowledged is flushed
+to the disk, the device is deleted, the file's lease released and the server exits.
+DEV is /dev/ublkbN, ublkbN or N; FILE is the attached file (any path to it).
+
+Options:
+  --all        detach every fastloop device
+  --force      detach even if the device is mounted or open (its users get IO errors)
+  -h, --help   show this help
+
+Exit codes: 0 detached, 2 usage, 4 device mounted or in use, 6 not root, 7 not attached,
+1 other failure.`;
+
+export const command: Command = {
+  summary: "detach a device (DEV, FILE or --all): flush, stop, delete, release the file",
+  help: HELP,
+  async run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs("detach", args, {
+      "all": { type: "boolean", short: "a" },
+      "force": { type: "boolean", short: "f" },
+    });
+    const all = values.all ?? false;
+    const force = values.force ?? false;
+    if (all && positionals.length > 0) {
+      throw new UsageError("detach: give devices or --all, not both");
+    }
+    if (!all && positionals.length === 0) {
+      throw new UsageError("detach: expected DEV, FILE or --all (see 'fastloop detach --help')");
+    }
+    requireRoot("detach");
+    if (positionals.length === 1) {
+      await detachEntry(resolve(positionals[0]!), force);
+      return ExitCode.ok;
+    }
+    // Several targets: try each, report each failure on its own line, exit with the first code.
+    const entries: Array<RegistryEntry | UserError> = all
+      ? listRecords()
+      : positionals.map((ref) => {
+        try {
+          return resolve(ref);
+        } catch (e) {
+          if (e instanceof UserError) return e;
+          throw e;
+        }
+      });
+    let code: number = ExitCode.ok;
+    for (const entry of entries) {
+      try {
+        if (entry instanceof UserError) throw entry;
+        await detachEntry(entry, force);
+      } catch (e) {
+        if (!(e instanceof UserError) && !(e instanceof SyscallError)) throw e;
+        console.error(`fastloop: ${e.message}`);
+        if (code === ExitCode.ok) code = e instanceof UserError ? e.exitCode : ExitCode.failure;
+      }
+    }
+    return code;
+  },
+};
+
+/** Detaches one device, through its server if it lives, directly if not. */
+export async function detachEntry(entry: RegistryEntry, force: boolean): Promise<void> {
+  const record = entry.record;
+  if (!entry.alive) {
+    await cleanupDeadDevice(record);
+    return;
+  }
+  if (!force) ensureNotBusy(record);
+  let asked = false;
+  try {
+    const reply = await controlRequest(
+      record.socketPath,
+      { cmd: "detach", force },
+      DETACH_TIMEOUT_MS,
+    );
+    if (!reply.ok) {
+      throw new UserError(
+        `${record.blockPath}: the server refused to detach: ${reply.error ?? "no reason given"}`,
+        ExitCode.failure,
+      );
+    }
+    asked = true;
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+    // No socket or nobody listening: the server is alive but deaf. SIGTERM means detach too.
+  }
+  if (!asked) {
+    try {
+      Deno.kill(record.server.pid, "SIGTERM");
+    } catch {
+      // Exited meanwhile.
+    }
+  }
+  if (!(await waitGone(record.server, EXIT_TIMEOUT_MS))) {
+    throw new UserError(
+      `${record.blockPath}: the server (pid ${record.server.pid}) did not exit; see ${record.logPath}`,
+      ExitCode.failure,
+    );
+  }
+  // A server that died half-way leaves its record (and maybe its device): finish its job.
+  const left = readRecord(record.id);
+  if (left && left.server.pid === record.server.pid) await cleanupDeadDevice(left);
+}
+
+/** Refuses a device that is mounted, claimed exclusively, or open by a process. */
+function ensureNotBusy(record: DeviceRecord): void {
+  const dev = record.blockPath;
+  const numbers = blockDeviceNumbers(dev);
+  if (numbers) {
+    const points = mountPointsOf(numbers.major, numbers.minor);
+    if (points.length > 0) {
+      throw new UserError(
+        `${dev} is mounted on ${points.join(", ")}: unmount it first (or detach --force)`,
+        ExitCode.busy,
+      );
+    }
+  }
+  try {
+    // O_EXCL on a block device fails with EBUSY while a filesystem, md, dm or another
+    // exclusive opener holds it — including mounts in other mount namespaces.
+    close(open(dev, O_RDONLY | O_EXCL));
+  } catch (e) {
+    if (e instanceof SyscallError && e.errno === EBUSY) {
+      const holders = sysfsHolders(dev);
+      throw new UserError(
+        `${dev} is in use${holders ? ` by ${holders}` : " (held exclusively)"}: ` +
+          `release it first (or detach --force)`,
+        ExitCode.busy,
+      );
+    }
+    if (!(e instanceof SyscallError)) throw e;
+  }
+  try {
+    const s = Deno.statSync(dev);
+    const users = processesUsing({ dev: s.dev, ino: s.ino });
+    if (users.length > 0) {
+      throw new UserError(
+        `${dev} is open by ${users.join(", ")}: close it first (or detach --force)`,
+        ExitCode.busy,
+      );
+    }
+  } catch (e) {
+    if (e instanceof UserError) throw e;
+  }
+}
+
+function sysfsHolders(dev: string): string {
+  const name = dev.split("/").pop() ?? "";
+  try {
+    return [...Deno.readDirSync(`/sys/block/${name}/holders`)].map((h) => h.name).join(", ");
+  } catch {
+    return "";
+  }
+}
+
+async function waitGone(
+  server: { pid: number; startTicks: number },
+  timeoutMs: number,
+): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (processAlive(server)) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return true;
+}
+
+/**
+ * Removes what a dead server left: its ublk device (stopped and deleted, unless the id now
+ * belongs to another live server) and its record. Its file lock and lease died with it.
+ */
+export async function cleanupDeadDevice(record: DeviceRecord): Promise<void> {
+  const { UblkControl } = await import("../ublk_control.ts");
+  let ctrl;
+  try {
+    ctrl = UblkControl.open();
+  } catch (e) {
+    // No ublk here: there can be no device left either.
+    if (e instanceof UserError && e.exitCode === ExitCode.unsupported) {
+      removeRecord(record.id);
+      return;
+    }
+    throw e;
+  }
+  try {
+    let info;
+    try {
+      info = await ctrl.getDeviceInfo(record.id);
+    } catch (e) {
+      if (!(e instanceof SyscallError && e.errno === ENODEV)) throw e;
+    }
+    const ownedByOther = info !== undefined && info.ublksrvPid > 0 &&
+      info.ublksrvPid !== record.server.pid && pidRunning(info.ublksrvPid);
+    if (info !== undefined && !ownedByOther) {
+      try {
+        await ctrl.stopDevice(record.id);
+      } catch {
+        // Already stopped (a dead, non-recoverable server's device is); DEL_DEV still works.
+      }
+      await ctrl.deleteDevice(record.id);
+    }
+  } finally {
+    ctrl.close();
+  }
+  removeRecord(record.id);
+}
+
+function pidRunning(pid: number): boolean {
+  try {
+    Deno.statSync(`/proc/${pid}`);
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,62 @@
+//! `fastloop __server FILE --log PATH ...`: the internal entry of the background process that
+//! `attach` starts. Not meant to be run by hand; its options mirror `attach`'s, plus the log path
+//! and the file identity that `attach` validated.
+
+import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
+import { UsageError } from "../errors.ts";
+import { runServer } from "../server.ts";
+import {
+  DEPTH_DEFAULT,
+  DEPTH_MAX,
+  DEPTH_MIN,
+  QUEUES_DEFAULT,
+  QUEUES_MAX,
+  QUEUES_MIN,
+} from "../validate.ts";
+
+/** Largest request the device accepts (ublk's default max_sectors is 512 KiB). */
+const MAX_IO_BYTES_DEFAULT = 512 * 1024;
+
+export const command: Command = {
+  summary: "internal: the per-device server process started by attach",
+  help: [
+    "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
+    "                         [--no-recover] [--dev DEV --ino INO]",
+    "",
+    "Internal: the background process behind one device, started by 'fastloop attach'.",
+    "It writes one JSON readiness line on stdout, then logs to PATH.",
+  ].join("\n"),
+  async run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs("__server", args, {
+      "log": { type: "string" },
+      "read-only": { type: "boolean" },
+      "queues": { type: "string" },
+      "depth": { type: "string" },
+      "no-recover": { type: "boolean" },
+      "dev": { type: "string" },
+      "ino": { type: "string" },
+    });
+    const [filePath, ...extra] = positionals;
+    if (filePath === undefined || extra.length > 0 || values.log === undefined) {
+      throw new UsageError("__server: needs exactly one FILE and --log PATH");
+    }
+    return await runServer({
+      filePath,
+      readOnly: values["read-only"] ?? false,
+      queues: parseIntFlag(
+        "__server",
+        "queues",
+        values.queues,
+        QUEUES_DEFAULT,
+        QUEUES_MIN,
+        QUEUES_MAX,
+      ),
+      depth: parseIntFlag("__server", "depth", values.depth, DEPTH_DEFAULT, DEPTH_MIN, DEPTH_MAX),
+      maxIoBytes: MAX_IO_BYTES_DEFAULT,
+      recoverable: !(values["no-recover"] ?? false),
+      logPath: values.log,
+      expectDev: values.dev,
+      expectIno: values.ino,
+    });
+  },
+};

@@ -1,0 +1,341 @@
+//! `/run/fastloop/`: what is attached, who serves it, and how to talk to it. One JSON record per
+//! device (`ublkbN.json`), one control socket per device (`ublkbN.sock`, unix stream, JSON
+//! lines), one lock per attached file (`files/DEV-INO.lock`) and the servers' logs (`log/`).
+//! The directory is root-only (0700), so the sockets are a root-only control channel.
+//!
+//! Records are written atomically (temporary file + rename) so a reader never sees half a
+//! record. A record names its server by pid *and* start time, so a recycled pid is not taken for
+//! a live server: such a record is "stale" and `detach` cleans it up.
+
+import { SyscallError } from "../ffi/errno.ts";
+import { close, fstat, O_PATH, open } from "../ffi/libc.ts";
+import { ExitCode, UserError } from "./errors.ts";
+
+/** The state directory; `FASTLOOP_RUN_DIR` moves it (tests). */
+export function runDir(): string {
+  return Deno.env.get("FASTLOOP_RUN_DIR") ?? "/run/fastloop";
+}
+
+export function logDir(): string {
+  return `${runDir()}/log`;
+}
+
+function filesDir(): string {
+  return `${runDir()}/files`;
+}
+
+export function recordPath(id: number): string {
+  return `${runDir()}/ublkb${id}.json`;
+}
+
+export function socketPath(id: number): string {
+  return `${runDir()}/ublkb${id}.sock`;
+}
+
+/** What a server writes once its device is live. Every field is plain JSON. */
+export interface DeviceRecord {
+  version: 1;
+  id: number;
+  blockPath: string;
+  charPath: string;
+  file: {
+    /** The path given to `attach`, made absolute. */
+    path: string;
+    /** st_dev and st_ino as decimal strings: a 64-bit inode number does not fit a JS number. */
+    dev: string;
+    ino: string;
+  };
+  server: {
+    pid: number;
+    /** Field 22 of /proc/PID/stat (clock ticks since boot): tells a live server from a reused pid. */
+    startTicks: number;
+  };
+  startedAt: string;
+  logPath: string;
+  socketPath: string;
+  options: {
+    readOnly: boolean;
+    queues: number;
+    depth: number;
+    recoverable: boolean;
+  };
+}
+
+/** A record and whether the server it names is still running. */
+export interface RegistryEntry {
+  record: DeviceRecord;
+  alive: boolean;
+}
+
+/** Creates the state directories, root-only, and tightens them if they already existed. */
+export function ensureRunDir(): void {
+  for (const dir of [runDir(), logDir(), filesDir()]) {
+    Deno.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    Deno.chmodSync(dir, 0o700);
+  }
+}
+
+/** Writes `record` atomically (tmp + rename), mode 0600. */
+export function writeRecord(record: DeviceRecord): void {
+  ensureRunDir();
+  const path = recordPath(record.id);
+  const tmp = `${path}.tmp-${Deno.pid}`;
+  Deno.writeTextFileSync(tmp, JSON.stringify(record, null, 2) + "\n", { mode: 0o600 });
+  Deno.renameSync(tmp, path);
+}
+
+/** Removes a device's record and socket; missing files are fine (cleanup is idempotent). */
+export function removeRecord(id: number): void {
+  for (const path of [recordPath(id), socketPath(id)]) {
+    try {
+      Deno.removeSync(path);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+  }
+}
+
+function parseRecord(text: string): DeviceRecord | null {
+  try {
+    const r = JSON.parse(text) as Partial<DeviceRecord>;
+    if (
+      r.version !== 1 || typeof r.id !== "number" || typeof r.blockPath !== "string" ||
+      typeof r.file?.path !== "string" || typeof r.server?.pid !== "number"
+    ) {
+      return null;
+    }
+    return r as DeviceRecord;
+  } catch {
+    return null;
+  }
+}
+
+export function readRecord(id: number): DeviceRecord | null {
+  try {
+    return parseRecord(Deno.readTextFileSync(recordPath(id)));
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
+  }
+}
+
+/** Every record, sorted by device id, each with whether its server is alive. */
+export function listRecords(): RegistryEntry[] {
+  const entries: RegistryEntry[] = [];
+  let names: Deno.DirEntry[];
+  try {
+    names = [...Deno.readDirSync(runDir())];
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return [];
+    throw e;
+  }
+  for (const entry of names) {
+    const m = /^ublkb([0-9]+)\.json$/.exec(entry.name);
+    if (!m || !entry.isFile) continue;
+    const record = readRecord(Number(m[1]));
+    if (record) entries.push({ record, alive: processAlive(record.server) });
+  }
+  return entries.sort((a, b) => a.record.id - b.record.id);
+}
+
+/** Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), or null if gone. */
+export function processStartTicks(pid: number): number | null {
+  let stat: string;
+  try {
+    stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  } catch {
+    return null;
+  }
+  // The command name (field 2) may hold spaces and parentheses: fields restart after the last ')'.
+  const rest = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // rest[0] is field 3 (state), so field 22 is rest[19].
+  const ticks = Number(rest[19]);
+  if (rest[0] === "Z" || !Number.isFinite(ticks)) return null;
+  return ticks;
+}
+
+/** True when the process is running and is the same one (not a reused pid). */
+export function processAlive(server: { pid: number; startTicks: number }): boolean {
+  return server.pid > 0 && processStartTicks(server.pid) === server.startTicks;
+}
+
+/** st_dev/st_ino of a path, without opening the file for reading or writing. */
+export function fileIdentity(path: string): { dev: string; ino: string } {
+  // O_PATH does not count as an open for leases (no break), works on FIFOs and device nodes
+  // without side effects, and needs no permission on the file itself.
+  const fd = open(path, O_PATH);
+  try {
+    const st = fstat(fd, path);
+    return { dev: st.dev.toString(), ino: st.ino.toString() };
+  } finally {
+    close(fd);
+  }
+}
+
+/** The record of the device serving the file at `path` (any path to the same inode). */
+export function findByFile(path: string): RegistryEntry | null {
+  let id: { dev: string; ino: string };
+  try {
+    id = fileIdentity(path);
+  } catch (e) {
+    if (e instanceof SyscallError) return null;
+    throw e;
+  }
+  return listRecords().find((e) => e.record.file.dev === id.dev && e.record.file.ino === id.ino) ??
+    null;
+}
+
+/** Parses `/dev/ublkbN`, `ublkbN` or `N` to a device id; null when it is none of those. */
+export function parseDeviceRef(ref: string): number | null {
+  const m = /^(?:\/dev\/ublkb|ublkb)?([0-9]{1,7})$/.exec(ref);
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * Resolves what the user named (`/dev/ublkbN`, `ublkbN`, `N`, or the backing file) to a record.
+ * Throws `UserError` exit 7 when it is not attached.
+ */
+export function resolve(ref: string): RegistryEntry {
+  const id = parseDeviceRef(ref);
+  if (id !== null) {
+    const record = readRecord(id);
+    if (record) return { record, alive: processAlive(record.server) };
+    // `N` could also be a file named N in the current directory.
+    if (ref.startsWith("/dev/") || ref.startsWith("ublkb") || !exists(ref)) {
+      throw new UserError(`${ref} is not attached by fastloop`, ExitCode.notAttached);
+    }
+  }
+  if (!exists(ref)) {
+    throw new UserError(
+      `${ref} is not attached (no such device or file)`,
+      ExitCode.notAttached,
+    );
+  }
+  const entry = findByFile(ref);
+  if (!entry) throw new UserError(`${ref} is not attached`, ExitCode.notAttached);
+  return entry;
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.lstatSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * An exclusive claim on one file (by dev+ino), held by the server for its whole life: two
+ * `attach` of the same file racing each other cannot both get past it, and the loser never opens
+ * the file (opening it would break the winner's lease). It is a `flock`, so a server that dies
+ * releases it with no stale state to clean.
+ */
+export class FileClaim {
+  private constructor(private readonly file: Deno.FsFile, readonly path: string) {}
+
+  /** Takes the claim; null when another live process holds it. */
+  static tryTake(identity: { dev: string; ino: string }): FileClaim | null {
+    ensureRunDir();
+    const path = `${filesDir()}/${identity.dev}-${identity.ino}.lock`;
+    for (;;) {
+      const file = Deno.openSync(path, { read: true, write: true, create: true, mode: 0o600 });
+      if (!file.tryLockSync(true)) {
+        file.close();
+        return null;
+      }
+      // The previous holder may have unlinked the lock file between our open and our lock; a
+      // lock on an unlinked inode would not exclude the next claimant, so start over.
+      try {
+        const onDisk = Deno.statSync(path);
+        const held = file.statSync();
+        if (onDisk.ino === held.ino && onDisk.dev === held.dev) return new FileClaim(file, path);
+      } catch (e) {
+        if (!(e instanceof Deno.errors.NotFound)) {
+          file.close();
+          throw e;
+        }
+      }
+      file.close();
+    }
+  }
+
+  /** Unlinks then unlocks, in that order (see `tryTake`). */
+  release(): void {
+    try {
+      Deno.removeSync(this.path);
+    } catch {
+      // Already gone: nothing to release but the lock.
+    }
+    this.file.close();
+  }
+}
+
+/** The server's reply to a control request. */
+export interface ControlReply {
+  ok: boolean;
+  error?: string;
+  exitCode?: number;
+  [key: string]: unknown;
+}
+
+/**
+ * Sends one JSON request on a device's control socket and returns the one-line JSON reply.
+ * Throws `UserError` if the server does not answer within `timeoutMs`.
+ */
+export async function controlRequest(
+  path: string,
+  request: Record<string, unknown>,
+  timeoutMs = 10_000,
+): Promise<ControlReply> {
+  const conn = await Deno.connect({ transport: "unix", path });
+  const timer = setTimeout(() => {
+    try {
+      conn.close();
+    } catch {
+      // Closed by the reply already.
+    }
+  }, timeoutMs);
+  try {
+    await conn.write(new TextEncoder().encode(JSON.stringify(request) + "\n"));
+    const chunks: Uint8Array[] = [];
+    const buf = new Uint8Array(65536);
+    for (;;) {
+      let n: number | null;
+      try {
+        n = await conn.read(buf);
+      } catch {
+        n = null;
+      }
+      if (n === null) break;
+      chunks.push(buf.slice(0, n));
+      if (buf.subarray(0, n).includes(0x0a)) break;
+    }
+    const text = new TextDecoder().decode(concat(chunks));
+    const line = text.split("\n")[0] ?? "";
+    if (line === "") {
+      throw new UserError(
+        `The server behind ${path} did not answer ${JSON.stringify(request["cmd"])}`,
+        ExitCode.failure,
+      );
+    }
+    return JSON.parse(line) as ControlReply;
+  } finally {
+    clearTimeout(timer);
+    try {
+      conn.close();
+    } catch {
+      // Already closed by the timeout.
+    }
+  }
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}

@@ -1,0 +1,608 @@
+//! The per-device server process (`fastloop __server`, started detached by `attach`): its main
+//! thread owns the file (opened once, carrying the lease), the lease policy, the device created by
+//! `lib/device.ts`, the registry record and the control socket. The queues run in Workers owned by
+//! the device; this thread never touches an IO.
+//!
+//! Start-up is all-or-nothing: every step pushes its undo on a stack, and a failure unwinds it
+//! before the one readiness line (`{"ok":false,…}`) goes out, so a failed attach leaves no device,
+//! record, lock or lease behind. After the readiness line, stdout and stderr both point at the log.
+//!
+//! Lease policy (issue 5). The file is opened once, O_RDWR (read-write attach) or O_RDONLY, and
+//! that fd holds a write or read lease. When the kernel breaks it (SIGIO):
+//! - someone opens the file for reading: the policy wants "read-direct" under a read lease, but
+//!   the kernel refuses a read lease on an fd open for writing (EAGAIN, even our own fd), so a
+//!   read-write device tries the downgrade and, refused, falls through to the next case;
+//! - someone opens it for writing or truncates it: `setMode("file")` drains direct IO and drops the
+//!   extent cache, then the lease is released — the opener waits only for that drain.
+//! Then the lease is retried with backoff; once held again the device returns to its base mode
+//! with a fresh mapping. Every transition is logged and counted for `stat`.
+
+import { SyscallError } from "../ffi/errno.ts";
+import {
+  forgetLease,
+  getLease,
+  LeaseRefusedError,
+  type LeaseType,
+  onLeaseBreak,
+  setLease,
+  trySetLease,
+} from "../ffi/fcntl.ts";
+import {
+  close,
+  errno,
+  fstat,
+  libc,
+  O_APPEND,
+  O_CREAT,
+  O_DIRECT,
+  O_RDONLY,
+  O_RDWR,
+  O_WRONLY,
+  open,
+} from "../ffi/libc.ts";
+import { ExitCode, UserError } from "./errors.ts";
+import { filesystemEligibility } from "./eligibility.ts";
+import type { Device } from "./device.ts";
+import {
+  type DeviceRecord,
+  FileClaim,
+  findByFile,
+  processStartTicks,
+  removeRecord,
+  socketPath,
+  writeRecord,
+} from "./registry.ts";
+import { fileInUseError } from "./validate.ts";
+
+export interface ServerOptions {
+  filePath: string;
+  readOnly: boolean;
+  queues: number;
+  depth: number;
+  maxIoBytes: number;
+  recoverable: boolean;
+  logPath: string;
+  /** st_dev/st_ino `attach` validated: the server refuses a file swapped in since. */
+  expectDev?: string;
+  expectIno?: string;
+}
+
+/** The device's IO mode as the server drives it (`read-direct`: direct reads, writes via file). */
+export type Mode = "fast" | "read-direct" | "file";
+
+interface Transition {
+  at: string;
+  from: Mode;
+  to: Mode;
+  lease: LeaseType;
+  why: string;
+}
+
+const encoder = new TextEncoder();
+const MAX_TRANSITIONS_KEPT = 32;
+const LEASE_RETRY_FIRST_MS = 1000;
+const LEASE_RETRY_MAX_MS = 8000;
+
+/** One timestamped line in the log (stderr is the log file once `redirectStderr` ran). */
+export function log(message: string): void {
+  const line = `${new Date().toISOString()} fastloop[${Deno.pid}] ${message}\n`;
+  try {
+    Deno.stderr.writeSync(encoder.encode(line));
+  } catch {
+    // Nowhere left to log to; the server keeps serving.
+  }
+}
+
+/** Points fd 2 at the log file; returns the log fd (kept for fd 1 after readiness). */
+function openLog(path: string): number {
+  const fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600);
+  dup2(fd, 2);
+  return fd;
+}
+
+/** dup2(2): makes `newFd` refer to what `oldFd` refers to (closing what it referred to). */
+function dup2(oldFd: number, newFd: number): void {
+  if (libc.dup2(oldFd, newFd) < 0) {
+    throw new SyscallError("dup2", errno(), `fd ${oldFd} -> ${newFd}`);
+  }
+}
+
+function writeReadiness(reply: Record<string, unknown>, logFd: number): void {
+  try {
+    Deno.stdout.writeSync(encoder.encode(JSON.stringify(reply) + "\n"));
+  } catch {
+    // `attach` gave up waiting (timeout or killed): it cleans up after us if needed.
+  }
+  // From now on stdout is the log too: this closes the readiness pipe, so `attach` sees EOF.
+  dup2(logFd, 1);
+}
+
+/** Resident memory of this process in bytes (VmRSS in /proc/self/status). */
+export function residentBytes(): number {
+  try {
+    const m = /^VmRSS:\s+([0-9]+) kB$/m.exec(Deno.readTextFileSync("/proc/self/status"));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+class Server {
+  readonly #opts: ServerOptions;
+  readonly #undo: Array<{ what: string; run: () => void | Promise<void> }> = [];
+  #logFd = -1;
+  #fileFd = -1;
+  #device: Device | null = null;
+  #record: DeviceRecord | null = null;
+  #listener: Deno.UnixListener | null = null;
+  /** The mode the device runs in when the lease is held (file mode if not eligible). */
+  #baseMode: Mode = "file";
+  #baseReason = "";
+  #mode: Mode = "file";
+  #lease: LeaseType = "none";
+  #filesystem = "";
+  #backingDevice: string | null = null;
+  #transitions: Transition[] = [];
+  #transitionCount = 0;
+  #leaseBreaks = 0;
+  #leaseRegains = 0;
+  /** Serialises mode changes: a break can arrive while a regain is still draining. */
+  #chain: Promise<void> = Promise.resolve();
+  #retryTimer: ReturnType<typeof setTimeout> | undefined;
+  #retryDelayMs = LEASE_RETRY_FIRST_MS;
+  #stopping: Promise<void> | null = null;
+  #resolveDone!: (code: number) => void;
+  readonly done = new Promise<number>((r) => (this.#resolveDone = r));
+  readonly #startedAt = new Date().toISOString();
+
+  constructor(opts: ServerOptions) {
+    this.#opts = opts;
+  }
+
+  /** Runs start-up; returns the exit code the process should end with once `done` resolves. */
+  async start(): Promise<void> {
+    this.#logFd = openLog(this.#opts.logPath);
+    // `attach` spawned us detached already; a new session makes sure no terminal's hang-up or
+    // job-control signal reaches the server. EPERM (already a session leader) is fine.
+    libc.setsid();
+    log(
+      `starting for ${this.#opts.filePath} (${this.#opts.readOnly ? "read-only" : "read-write"}, ` +
+        `${this.#opts.queues} queue(s) x depth ${this.#opts.depth})`,
+    );
+    try {
+      await this.#startSteps();
+    } catch (e) {
+      const error = e instanceof UserError || e instanceof SyscallError
+        ? e.message
+        : `internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`;
+      const exitCode = e instanceof UserError ? e.exitCode : ExitCode.failure;
+      log(`start-up failed: ${error}`);
+      await this.#unwind();
+      log("start-up undone; exiting");
+      writeReadiness({ ok: false, error: error.split("\n")[0], exitCode }, this.#logFd);
+      this.#resolveDone(exitCode);
+      return;
+    }
+    const record = this.#record!;
+    writeReadiness({
+      ok: true,
+      device: record.blockPath,
+      id: record.id,
+      file: record.file.path,
+      mode: this.#mode,
+      reason: this.#baseReason || undefined,
+      filesystem: this.#filesystem,
+      backingDevice: this.#backingDevice,
+      pid: Deno.pid,
+      log: this.#opts.logPath,
+    }, this.#logFd);
+    log(
+      `ready: ${record.blockPath} (mode ${this.#mode}${
+        this.#baseReason ? `: ${this.#baseReason}` : ""
+      })`,
+    );
+  }
+
+  async #startSteps(): Promise<void> {
+    const o = this.#opts;
+    for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
+      const handler = () => {
+        log(`${signal}: detaching`);
+        this.stop(`${signal}`);
+      };
+      Deno.addSignalListener(signal, handler);
+    }
+
+    // 1. Exclusive claim on the file, before opening it: a second open would break the lease of
+    //    a server that already serves this file.
+    const identity = this.#expectedIdentity();
+    const claim = FileClaim.tryTake(identity);
+    if (!claim) {
+      const other = findByFile(o.filePath);
+      throw new UserError(
+        `${o.filePath} is already attached${other ? ` as ${other.record.blockPath}` : ""}`,
+        ExitCode.busy,
+      );
+    }
+    this.#pushUndo("release the file claim", () => claim.release());
+
+    // 2. The file, once. O_DIRECT so file-path IO bypasses the page cache like direct IO does.
+    const flags = (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT;
+    try {
+      this.#fileFd = open(o.filePath, flags);
+    } catch (e) {
+      if (e instanceof SyscallError && e.code === "EINVAL") {
+        // The filesystem refuses O_DIRECT (e.g. tmpfs before 6.6): serve through its page cache.
+        this.#fileFd = open(o.filePath, o.readOnly ? O_RDONLY : O_RDWR);
+        log("the filesystem refuses O_DIRECT: file IO goes through its page cache");
+      } else {
+        throw e;
+      }
+    }
+    const fd = this.#fileFd;
+    this.#pushUndo("close the file", () => {
+      forgetLease(fd);
+      close(fd);
+    });
+    const st = fstat(fd, o.filePath);
+    if (st.dev.toString() !== identity.dev || st.ino.toString() !== identity.ino) {
+      throw new UserError(`${o.filePath} was replaced while attaching; try again`);
+    }
+    if (st.size === 0 || st.size % 512 !== 0) {
+      throw new UserError(`${o.filePath} is ${st.size} bytes, not a multiple of 512`);
+    }
+
+    // 3. The lease: write for read-write, read for read-only. The break listener goes first —
+    //    an unhandled SIGIO would kill the process.
+    const stopListening = onLeaseBreak(fd, (to) => this.#onLeaseBreak(to), o.filePath);
+    this.#pushUndo("remove the lease-break listener", stopListening);
+    const want = o.readOnly ? "read" : "write";
+    try {
+      setLease(fd, want, o.filePath);
+    } catch (e) {
+      if (e instanceof LeaseRefusedError) throw fileInUseError(o.filePath);
+      throw e;
+    }
+    this.#lease = want;
+    this.#pushUndo("release the lease", () => {
+      if (this.#lease !== "none") setLease(fd, "unlock", o.filePath);
+      this.#lease = "none";
+    });
+    log(`${want} lease taken`);
+
+    // 4. ublk itself: checked before the filesystem so a host without it fails fast and clearly.
+    try {
+      Deno.statSync("/dev/ublk-control");
+    } catch {
+      throw new UserError(
+        "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
+        ExitCode.unsupported,
+      );
+    }
+
+    // 5. Where the data lives, and whether IO may go there directly.
+    const eligibility = filesystemEligibility(fd, o.filePath);
+    this.#filesystem = eligibility.filesystem;
+    this.#backingDevice = eligibility.device?.devicePath ?? null;
+    let backingFd = -1;
+    this.#baseMode = "file";
+    this.#baseReason = eligibility.reason ?? `${eligibility.filesystem} is not eligible`;
+    if (eligibility.eligible && eligibility.device) {
+      const devPath = eligibility.device.devicePath;
+      try {
+        backingFd = open(devPath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
+        const bfd = backingFd;
+        this.#pushUndo(`close ${devPath}`, () => close(bfd));
+        this.#baseMode = "fast";
+        this.#baseReason = "";
+      } catch (e) {
+        if (!(e instanceof SyscallError)) throw e;
+        // E.g. a container without access to the device node: still correct through the file.
+        this.#baseReason = `cannot open the filesystem's device: ${e.message}`;
+      }
+    }
+    log(
+      this.#baseMode === "fast"
+        ? `${eligibility.filesystem} on ${eligibility.device?.devicePath}: direct path enabled`
+        : `file mode: ${this.#baseReason}`,
+    );
+
+    // 6. The device.
+    const { createDevice } = await import("./device.ts");
+    const device = await createDevice({
+      filePath: o.filePath,
+      fileFd: fd,
+      fileSizeBytes: st.size,
+      backingFd,
+      logicalBlockSize: eligibility.device?.logicalBlockSize ?? 512,
+      physicalBlockSize: eligibility.device?.physicalBlockSize ?? 4096,
+      readOnly: o.readOnly,
+      queues: o.queues,
+      depth: o.depth,
+      maxIoBytes: o.maxIoBytes,
+      mode: this.#baseMode === "fast" ? "fast" : "file",
+      recoverable: o.recoverable,
+    });
+    this.#device = device;
+    this.#mode = this.#baseMode;
+    this.#pushUndo(`stop and delete ${device.blockPath}`, async () => {
+      await device.stop();
+      await device.delete();
+    });
+    log(`device ${device.blockPath} live (id ${device.id})`);
+
+    // 7. The control socket, then the record that points at it.
+    const sock = socketPath(device.id);
+    try {
+      Deno.removeSync(sock);
+    } catch {
+      // No stale socket.
+    }
+    const listener = Deno.listen({ transport: "unix", path: sock });
+    Deno.chmodSync(sock, 0o600);
+    this.#listener = listener;
+    this.#pushUndo("close the control socket", () => {
+      try {
+        listener.close();
+      } catch {
+        // Already closed.
+      }
+    });
+    this.#serveControl(listener);
+
+    const record: DeviceRecord = {
+      version: 1,
+      id: device.id,
+      blockPath: device.blockPath,
+      charPath: device.charPath,
+      file: { path: o.filePath, dev: identity.dev, ino: identity.ino },
+      server: { pid: Deno.pid, startTicks: processStartTicks(Deno.pid) ?? 0 },
+      startedAt: this.#startedAt,
+      logPath: o.logPath,
+      socketPath: sock,
+      options: {
+        readOnly: o.readOnly,
+        queues: o.queues,
+        depth: o.depth,
+        recoverable: o.recoverable,
+      },
+    };
+    writeRecord(record);
+    this.#record = record;
+    this.#pushUndo("remove the registry record", () => removeRecord(device.id));
+  }
+
+  #expectedIdentity(): { dev: string; ino: string } {
+    if (this.#opts.expectDev !== undefined && this.#opts.expectIno !== undefined) {
+      return { dev: this.#opts.expectDev, ino: this.#opts.expectIno };
+    }
+    const info = Deno.statSync(this.#opts.filePath);
+    return { dev: String(info.dev), ino: String(info.ino) };
+  }
+
+  #pushUndo(what: string, run: () => void | Promise<void>): void {
+    this.#undo.push({ what, run });
+  }
+
+  /** Runs every undo step, newest first; a failing step is logged and the rest still run. */
+  async #unwind(): Promise<void> {
+    while (this.#undo.length > 0) {
+      const step = this.#undo.pop()!;
+      try {
+        await step.run();
+      } catch (e) {
+        log(`cleanup: ${step.what} failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }
+  }
+
+  /** Graceful detach: stop → drain → flush → delete → release the lease → remove the record. */
+  stop(why: string): Promise<void> {
+    if (this.#stopping) return this.#stopping;
+    this.#stopping = (async () => {
+      clearTimeout(this.#retryTimer);
+      // Let a mode change in progress finish: it may be draining IO.
+      await this.#chain.catch(() => {});
+      log(`detaching (${why})`);
+      await this.#unwind();
+      log("detached; exiting");
+      this.#resolveDone(ExitCode.ok);
+    })();
+    return this.#stopping;
+  }
+
+  // --- lease breaks -------------------------------------------------------------------------
+
+  #onLeaseBreak(to: "read" | "none"): void {
+    this.#leaseBreaks++;
+    const opener = to === "read" ? "a reader" : "a writer or truncate";
+    log(`lease break: ${opener} opened ${this.#opts.filePath}`);
+    this.#enqueue(async () => {
+      const fd = this.#fileFd;
+      const path = this.#opts.filePath;
+      if (this.#lease === "none") return;
+      if (to === "read" && this.#lease === "write" && this.#mode === "fast") {
+        // Direct writes would bypass the reader's page cache; direct reads stay coherent.
+        await this.#setMode("read-direct", "write", "a reader opened the file");
+        if (trySetLease(fd, "read", path)) {
+          this.#lease = "read";
+          this.#record_("read-direct", "read lease held (downgraded for a reader)");
+          this.#scheduleRetry();
+          return;
+        }
+        log("downgrade to a read lease refused (the fd is open for writing): going to file mode");
+      }
+      // A writer or truncate (or a refused downgrade): no direct IO may remain in flight when
+      // the opener proceeds, and no old mapping may be used afterwards.
+      await this.#setMode("file", this.#lease, `${opener} opened the file`);
+      setLease(fd, "unlock", path);
+      this.#lease = "none";
+      log("lease released; serving through the file");
+      this.#scheduleRetry();
+    });
+  }
+
+  /** Retries the base lease with backoff until it is held again, then restores the base mode. */
+  #scheduleRetry(): void {
+    clearTimeout(this.#retryTimer);
+    if (this.#stopping) return;
+    this.#retryTimer = setTimeout(() => {
+      this.#enqueue(async () => {
+        if (this.#stopping) return;
+        const want = this.#opts.readOnly ? "read" : "write";
+        const fd = this.#fileFd;
+        if (this.#lease === want) return;
+        // From a read lease (read-direct) to a write lease: release first, the kernel does not
+        // upgrade. A writer could slip in between; then the try below simply fails.
+        if (this.#lease === "read" && want === "write") {
+          await this.#setMode("file", "read", "upgrading the lease");
+          setLease(fd, "unlock", this.#opts.filePath);
+          this.#lease = "none";
+        }
+        if (trySetLease(fd, want, this.#opts.filePath)) {
+          this.#lease = want;
+          this.#leaseRegains++;
+          this.#retryDelayMs = LEASE_RETRY_FIRST_MS;
+          log(`${want} lease regained`);
+          await this.#setMode(this.#baseMode, want, "lease regained (fresh mapping)");
+          return;
+        }
+        this.#retryDelayMs = Math.min(this.#retryDelayMs * 2, LEASE_RETRY_MAX_MS);
+        this.#scheduleRetry();
+      });
+    }, this.#retryDelayMs);
+  }
+
+  #enqueue(step: () => Promise<void>): void {
+    this.#chain = this.#chain.then(step).catch((e) => {
+      log(`lease handling failed: ${e instanceof Error ? e.message : String(e)}`);
+      // Safety first: whatever failed, do not leave direct IO running without a lease.
+      if (this.#lease === "none" && this.#mode !== "file") {
+        return this.#setMode("file", "none", "error in lease handling").catch(() => {});
+      }
+    });
+  }
+
+  async #setMode(to: Mode, lease: LeaseType, why: string): Promise<void> {
+    const from = this.#mode;
+    if (from === to) return;
+    if (this.#device) await this.#device.setMode(to);
+    this.#mode = to;
+    this.#record_(to, why, from, lease);
+  }
+
+  #record_(to: Mode, why: string, from: Mode = this.#mode, lease: LeaseType = this.#lease): void {
+    this.#transitionCount++;
+    this.#transitions.push({ at: new Date().toISOString(), from, to, lease, why });
+    if (this.#transitions.length > MAX_TRANSITIONS_KEPT) this.#transitions.shift();
+    log(`mode ${from} -> ${to}: ${why}`);
+  }
+
+  // --- control socket -----------------------------------------------------------------------
+
+  async #serveControl(listener: Deno.UnixListener): Promise<void> {
+    try {
+      for await (const conn of listener) this.#handleConn(conn);
+    } catch (e) {
+      if (!this.#stopping) log(`control socket failed: ${(e as Error).message}`);
+    }
+  }
+
+  async #handleConn(conn: Deno.UnixConn): Promise<void> {
+    const decoder = new TextDecoder();
+    let pending = "";
+    const buf = new Uint8Array(4096);
+    try {
+      for (;;) {
+        const n = await conn.read(buf);
+        if (n === null) return;
+        pending += decoder.decode(buf.subarray(0, n), { stream: true });
+        let nl: number;
+        while ((nl = pending.indexOf("\n")) >= 0) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          const reply = await this.#handleRequest(line);
+          await conn.write(encoder.encode(JSON.stringify(reply) + "\n"));
+        }
+        if (pending.length > 65536) return; // Not a client of ours.
+      }
+    } catch {
+      // Client went away.
+    } finally {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    }
+  }
+
+  async #handleRequest(line: string): Promise<Record<string, unknown>> {
+    let request: { cmd?: unknown };
+    try {
+      request = JSON.parse(line);
+    } catch {
+      return { ok: false, error: "Malformed request" };
+    }
+    switch (request.cmd) {
+      case "ping":
+        return { ok: true, pid: Deno.pid };
+      case "stat":
+        return { ok: true, stat: this.stat() };
+      case "detach":
+        log("detach requested over the control socket");
+        await this.stop("detach command");
+        return { ok: true };
+      default:
+        return { ok: false, error: `Unknown command ${JSON.stringify(request.cmd)}` };
+    }
+  }
+
+  /** What `fastloop stat` shows for this device. */
+  stat(): Record<string, unknown> {
+    const r = this.#record;
+    return {
+      device: r?.blockPath,
+      id: r?.id,
+      file: this.#opts.filePath,
+      filesystem: this.#filesystem,
+      backingDevice: this.#backingDevice,
+      mode: this.#mode,
+      baseMode: this.#baseMode,
+      modeReason: this.#baseReason || undefined,
+      lease: this.#lease,
+      leaseKernel: this.#fileFd >= 0 ? safe(() => getLease(this.#fileFd)) : undefined,
+      leaseBreaks: this.#leaseBreaks,
+      leaseRegains: this.#leaseRegains,
+      transitions: this.#transitionCount,
+      recentTransitions: this.#transitions,
+      readOnly: this.#opts.readOnly,
+      queues: this.#opts.queues,
+      depth: this.#opts.depth,
+      server: { pid: Deno.pid, state: this.#stopping ? "stopping" : "running" },
+      startedAt: this.#startedAt,
+      rssBytes: residentBytes(),
+      log: this.#opts.logPath,
+      counters: this.#device?.counters(),
+    };
+  }
+}
+
+function safe<T>(f: () => T): T | undefined {
+  try {
+    return f();
+  } catch {
+    return undefined;
+  }
+}
+
+/** Runs a server to completion; resolves with the process exit code. */
+export async function runServer(opts: ServerOptions): Promise<number> {
+  const server = new Server(opts);
+  globalThis.addEventListener("unhandledrejection", (ev) => {
+    ev.preventDefault();
+    log(`unhandled rejection: ${ev.reason instanceof Error ? ev.reason.stack : ev.reason}`);
+  });
+  await server.start();
+  return await server.done;
+}

@@ -1,0 +1,248 @@
+//! Everything checked before a device exists: who runs fastloop, what kind of file it was given,
+//! and who else is using a file or a device. Each failure is one `UserError` line with the exit
+//! code scripts rely on (`lib/errors.ts`). Nothing here opens a file for reading or writing: a
+//! file that is already attached holds a lease that such an open would break.
+
+import { SyscallError } from "../ffi/errno.ts";
+import {
+  close,
+  devMajor,
+  devMinor,
+  fstat,
+  fstatfs,
+  geteuid,
+  O_PATH,
+  open,
+  S_IFBLK,
+  S_IFMT,
+  ST_RDONLY,
+} from "../ffi/libc.ts";
+import { ExitCode, UserError } from "./errors.ts";
+import { findByFile } from "./registry.ts";
+
+/** Bounds of `--queues` and `--depth`: one Worker thread per queue; ublk's per-queue maximum. */
+export const QUEUES_MIN = 1;
+export const QUEUES_MAX = 32;
+export const DEPTH_MIN = 1;
+export const DEPTH_MAX = 4096; // UBLK_MAX_QUEUE_DEPTH
+export const QUEUES_DEFAULT = 1;
+export const DEPTH_DEFAULT = 128;
+
+/** ublk (and every Linux block device) addresses 512-byte sectors. */
+export const SECTOR_BYTES = 512;
+
+// statfs f_type of pseudo filesystems whose "files" have no data blocks (linux/magic.h).
+const PSEUDO_FILESYSTEMS: Record<number, string> = {
+  0x9fa0: "/proc (procfs)", // PROC_SUPER_MAGIC
+  0x62656572: "/sys (sysfs)", // SYSFS_MAGIC
+  0x64626720: "debugfs", // DEBUGFS_MAGIC
+  0x74726163: "tracefs", // TRACEFS_MAGIC
+  0x1cd1: "devpts", // DEVPTS_SUPER_MAGIC
+  0x27e0eb: "cgroup", // CGROUP_SUPER_MAGIC
+  0x63677270: "cgroup2", // CGROUP2_SUPER_MAGIC
+  0x6165676c: "pstore", // PSTOREFS_MAGIC
+  0xcafe4a11: "bpf", // BPF_FS_MAGIC
+  0x73636673: "securityfs", // SECURITYFS_MAGIC
+  0xde5e81e4: "efivarfs", // EFIVARFS_MAGIC
+};
+
+/** fastloop drives /dev/ublk-control and takes leases on files it may not own: root only. */
+export function requireRoot(command: string): void {
+  if (geteuid() !== 0) {
+    throw new UserError(
+      `${command} must run as root (it controls block devices through /dev/ublk-control)`,
+      ExitCode.permission,
+    );
+  }
+}
+
+/** What `attach` learned about the file before starting a server for it. */
+export interface AttachTarget {
+  /** Absolute path as given (symlinks kept: the user's name for the file). */
+  path: string;
+  sizeBytes: number;
+  dev: string;
+  ino: string;
+}
+
+function quote(path: string): string {
+  return /^[\w./+@:,=-]+$/.test(path) ? path : JSON.stringify(path);
+}
+
+/** Checks that `path` names a file fastloop can attach (`readOnly`: only read access needed). */
+export function validateAttachFile(path: string, readOnly: boolean): AttachTarget {
+  if (path === "") throw new UserError("The file name is empty");
+  if (path.includes("\0")) throw new UserError(`${quote(path)}: a file name cannot contain NUL`);
+  const name = quote(path);
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new UserError(`${name} does not exist`);
+    if (e instanceof Deno.errors.PermissionDenied) {
+      throw new UserError(`${name} cannot be reached: permission denied`);
+    }
+    if (e instanceof Deno.errors.NotADirectory) {
+      throw new UserError(`${name} does not exist (a path component is not a directory)`);
+    }
+    throw new UserError(`${name} cannot be used: ${(e as Error).message}`);
+  }
+  if (info.isDirectory) throw new UserError(`${name} is a directory, not a regular file`);
+  const kind = info.isBlockDevice
+    ? "a block device"
+    : info.isCharDevice
+    ? "a character device"
+    : info.isFifo
+    ? "a FIFO"
+    : info.isSocket
+    ? "a socket"
+    : info.isFile
+    ? null
+    : "not a regular file";
+  if (kind) throw new UserError(`${name} is ${kind}, not a regular file`);
+
+  let fd: number;
+  try {
+    fd = open(path, O_PATH);
+  } catch (e) {
+    throw new UserError(`${name} cannot be opened: ${(e as Error).message}`);
+  }
+  let st, fs;
+  try {
+    st = fstat(fd, path);
+    fs = fstatfs(fd, path);
+  } finally {
+    close(fd);
+  }
+  const pseudo = PSEUDO_FILESYSTEMS[fs.type >>> 0];
+  if (pseudo) {
+    throw new UserError(`${name} is a ${pseudo} file, not a regular file with data blocks`);
+  }
+  if (st.size === 0) {
+    throw new UserError(`${name} is empty: a device needs a size that is a multiple of 512 bytes`);
+  }
+  if (st.size % SECTOR_BYTES !== 0) {
+    throw new UserError(
+      `${name} is ${st.size} bytes, not a multiple of ${SECTOR_BYTES} (extend it with truncate -s)`,
+    );
+  }
+  if (!readOnly && (fs.flags & ST_RDONLY) !== 0) {
+    throw new UserError(`${name} is on a read-only filesystem (attach it with --read-only)`);
+  }
+  const absolute = path.startsWith("/") ? path : `${Deno.cwd()}/${path}`;
+  const target = {
+    path: absolute,
+    sizeBytes: st.size,
+    dev: st.dev.toString(),
+    ino: st.ino.toString(),
+  };
+  const attached = findByFile(path);
+  if (attached) {
+    const state = attached.alive ? "" : " (its server is dead: run 'fastloop detach' to clean up)";
+    throw new UserError(
+      `${name} is already attached as ${attached.record.blockPath}${state}`,
+      ExitCode.busy,
+    );
+  }
+  return target;
+}
+
+/**
+ * Processes (other than this one) that have the inode `dev`/`ino` open, as "PID (comm)".
+ * Reads /proc/PID/fd; cheap enough for an error message, never on a hot path.
+ */
+export function processesUsing(
+  identity: { dev: number; ino: number | null },
+  limit = 8,
+): string[] {
+  const found: string[] = [];
+  let procs: Deno.DirEntry[];
+  try {
+    procs = [...Deno.readDirSync("/proc")];
+  } catch {
+    return found;
+  }
+  for (const p of procs) {
+    if (!/^[0-9]+$/.test(p.name) || Number(p.name) === Deno.pid) continue;
+    let fds: Deno.DirEntry[];
+    try {
+      fds = [...Deno.readDirSync(`/proc/${p.name}/fd`)];
+    } catch {
+      continue; // Exited meanwhile, or a kernel thread.
+    }
+    for (const f of fds) {
+      try {
+        // stat follows the magic link to the open file itself: no open, no lease break.
+        const s = Deno.statSync(`/proc/${p.name}/fd/${f.name}`);
+        if (s.ino === identity.ino && (s.dev === identity.dev || s.rdev === identity.dev)) {
+          found.push(`${p.name} (${comm(p.name)})`);
+          break;
+        }
+      } catch {
+        // The fd was closed meanwhile.
+      }
+    }
+    if (found.length >= limit) break;
+  }
+  return found;
+}
+
+function comm(pid: string): string {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/comm`).trim();
+  } catch {
+    return "?";
+  }
+}
+
+/** "FILE is in use by another process (pids …)": the message for a refused lease. */
+export function fileInUseError(path: string): UserError {
+  let holders: string[] = [];
+  try {
+    const s = Deno.statSync(path);
+    holders = processesUsing({ dev: s.dev, ino: s.ino });
+  } catch {
+    // The message without PIDs is still right.
+  }
+  const who = holders.length > 0 ? `: ${holders.join(", ")}` : "";
+  return new UserError(`${quote(path)} is in use by another process${who}`, ExitCode.busy);
+}
+
+/** Mount points of the block device `major:minor`, from /proc/self/mountinfo. */
+export function mountPointsOf(major: number, minor: number): string[] {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync("/proc/self/mountinfo");
+  } catch {
+    return [];
+  }
+  const key = `${major}:${minor}`;
+  const points: string[] = [];
+  for (const line of text.split("\n")) {
+    // mountinfo: ID PARENT MAJOR:MINOR ROOT MOUNTPOINT ... (proc(5)); spaces are \040-escaped.
+    const fields = line.split(" ");
+    if (fields[2] === key && fields[4] !== undefined) {
+      points.push(
+        fields[4].replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8))),
+      );
+    }
+  }
+  return points;
+}
+
+/** Identity of a device node: its rdev split into major/minor, or null if it is not a device. */
+export function blockDeviceNumbers(path: string): { major: number; minor: number } | null {
+  try {
+    const fd = open(path, O_PATH);
+    try {
+      const st = fstat(fd, path);
+      if ((st.mode & S_IFMT) !== S_IFBLK) return null;
+      return { major: devMajor(st.rdev), minor: devMinor(st.rdev) };
+    } finally {
+      close(fd);
+    }
+  } catch (e) {
+    if (e instanceof SyscallError) return null;
+    throw e;
+  }
+}
