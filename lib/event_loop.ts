@@ -1,0 +1,951 @@
+//! One ublk queue: its io_uring, its extent cache and the request loop. Runs inside a Worker
+//! (`lib/queue_worker.ts`); `lib/device.ts` starts one per queue and talks to it only through
+//! the `SharedArrayBuffer` laid out here.
+//!
+//! Threading. ublk requires every command of a queue (FETCH_REQ, COMMIT_AND_FETCH_REQ) to be
+//! issued by one task on kernels before UBLK_F_PER_IO_DAEMON (6.16), and Deno's `nonblocking` FFI
+//! calls run on pool threads, so a queue cannot live on the main thread's event loop. A Deno
+//! Worker is its own OS thread: it makes synchronous `io_uring_enter` calls and sleeps in the
+//! kernel until a CQE arrives, which is also the cheapest way to wait. A Worker that is blocked in
+//! a syscall cannot receive `postMessage`, so the main thread reaches it through
+//!  - a mailbox in the SharedArrayBuffer (sequence, op, arguments; the Worker acknowledges with
+//!    `Atomics.store` + `Atomics.notify`, the main thread waits with `Atomics.waitAsync`), and
+//!  - an eventfd on which the Worker always keeps an `IORING_OP_READ` posted: writing 8 bytes to
+//!    it completes that read and wakes the Worker out of `io_uring_enter`.
+//! Counters live in the same SharedArrayBuffer (one writer per queue: its Worker; Float64 so byte
+//! counts do not wrap), so `stat` reads them without waking anyone.
+//!
+//! The loop reads top to bottom: submit and wait once, drain every CQE (the ring copies them out
+//! and advances the CQ head once), dispatch each, repeat. `user_data` packs the tag, the segment,
+//! the kind of operation and a "backend IO" bit, so ublk commands and the backend IO they cause
+//! share one ring and one `io_uring_enter` per turn.
+//!
+//! A request is mapped through the ExtentCache and split where the file's extents split it:
+//! direct extents → read/write the filesystem's block device at the physical offset; holes and
+//! unwritten extents on read → zero-filled in place; everything else (and every write that is not
+//! to a plain written extent) → the file itself, O_DIRECT, after which the cached range is
+//! invalidated (the filesystem may have allocated or converted it). The request completes once,
+//! when its last backend IO finishes: the full length, or the first error. Backend errors complete
+//! that request with -errno and never stop the queue; EINTR/EAGAIN and short transfers are
+//! re-issued.
+
+import { IoUring, RWF_DSYNC } from "../ffi/io_uring.ts";
+import {
+  AlignedBuffer,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+} from "../ffi/libc.ts";
+import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName } from "../ffi/errno.ts";
+import { fiemap } from "../ffi/fiemap.ts";
+import {
+  IO_CMD_ADDR,
+  IO_CMD_Q_ID,
+  IO_CMD_RESULT,
+  IO_CMD_TAG,
+  IO_DESC_NR_SECTORS,
+  IO_DESC_OP_FLAGS,
+  IO_DESC_SIZE,
+  IO_DESC_START_SECTOR,
+  UBLK_IO_F_FUA,
+  UBLK_IO_F_NOUNMAP,
+  UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH,
+  UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE,
+  UBLK_IO_OP_WRITE_ZEROES,
+  UBLK_IO_RES_ABORT,
+  UBLK_IO_RES_OK,
+  UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+  UBLK_U_IO_FETCH_REQ,
+} from "../ffi/ublk_cmd.ts";
+import { ExtentCache, ExtentKind, type ExtentSource } from "./extent_cache.ts";
+
+// --- modes --------------------------------------------------------------------------------
+
+export const Mode = { fast: 0, readDirect: 1, file: 2 } as const;
+export type Mode = (typeof Mode)[keyof typeof Mode];
+export const MODE_NAMES = ["fast", "read-direct", "file"] as const;
+export type ModeName = (typeof MODE_NAMES)[number];
+export function modeOf(name: ModeName): Mode {
+  return MODE_NAMES.indexOf(name) as Mode;
+}
+
+// --- shared memory layout -------------------------------------------------------------------
+// Per queue: CTRL_WORDS Int32 words of mailbox and state, MB_ARGS Float64 arguments and
+// COUNTERS Float64 counters; then one invalidation log shared by all queues.
+
+/** Int32 words per queue. */
+const CTRL_WORDS = 16;
+export const CTRL_MB_SEQ = 0; // mailbox: sequence of the last command posted (main thread)
+export const CTRL_MB_ACK = 1; // mailbox: sequence of the last command done (worker)
+export const CTRL_MB_OP = 2; // mailbox: MbOp
+export const CTRL_MB_MODE = 3; // mailbox: argument of setMode
+export const CTRL_STATE = 4; // QueueState, written by the worker
+export const CTRL_MODE = 5; // the mode in force (worker)
+export const CTRL_ERRNO = 6; // last backend errno (worker)
+/** Float64 argument slots per queue. */
+const MB_ARGS = 2;
+export const ARG_OFFSET = 0;
+export const ARG_LENGTH = 1;
+
+export const MbOp = { none: 0, setMode: 1, invalidate: 2, quit: 3 } as const;
+export const QueueState = { starting: 0, fetching: 1, exited: 2, failed: 3 } as const;
+
+/** Counter slots per queue (Float64, one writer: the queue's worker). */
+export const Counter = {
+  reads: 0,
+  writes: 1,
+  flushes: 2,
+  discards: 3,
+  writeZeroes: 4,
+  bytesReadDirect: 5,
+  bytesReadFile: 6,
+  bytesReadZero: 7,
+  bytesWrittenDirect: 8,
+  bytesWrittenFile: 9,
+  bytesDiscarded: 10,
+  cacheHits: 11,
+  cacheMisses: 12,
+  fiemapCalls: 13,
+  extentsCached: 14,
+  extentCacheBytes: 15,
+  inflight: 16,
+  errors: 17,
+  retries: 18,
+} as const;
+const COUNTERS = 24;
+
+// Invalidation log: every queue appends the file ranges it changed through the file (writes
+// into holes/unwritten/shared extents, punches); the others apply them to their own caches
+// before dispatching new requests. Entry `s` lives in slot s % LOG_SLOTS; its stamp becomes s+1
+// once written, so a reader never applies a half-written entry.
+const LOG_SLOTS = 1024;
+
+export interface SharedLayout {
+  sab: SharedArrayBuffer;
+  queues: number;
+}
+
+function ctrlBytes(queues: number) {
+  return queues * CTRL_WORDS * 4;
+}
+function argsOffset(queues: number) {
+  return Math.ceil(ctrlBytes(queues) / 8) * 8;
+}
+function countersOffset(queues: number) {
+  return argsOffset(queues) + queues * MB_ARGS * 8;
+}
+function logHeaderOffset(queues: number) {
+  return countersOffset(queues) + queues * COUNTERS * 8;
+}
+function logStampsOffset(queues: number) {
+  return logHeaderOffset(queues) + 8;
+}
+function logEntriesOffset(queues: number) {
+  return logStampsOffset(queues) + LOG_SLOTS * 4;
+}
+
+export function createSharedState(queues: number): SharedArrayBuffer {
+  return new SharedArrayBuffer(logEntriesOffset(queues) + LOG_SLOTS * 2 * 8);
+}
+
+/** Typed views of one queue's part of the shared state (and of the shared log). */
+export class SharedViews {
+  readonly ctrl: Int32Array;
+  readonly args: Float64Array;
+  readonly counters: Float64Array;
+  readonly logHeader: Int32Array;
+  readonly logStamps: Int32Array;
+  readonly logEntries: Float64Array;
+
+  constructor(sab: SharedArrayBuffer, queues: number, queueId: number) {
+    this.ctrl = new Int32Array(sab, queueId * CTRL_WORDS * 4, CTRL_WORDS);
+    this.args = new Float64Array(sab, argsOffset(queues) + queueId * MB_ARGS * 8, MB_ARGS);
+    this.counters = new Float64Array(
+      sab,
+      countersOffset(queues) + queueId * COUNTERS * 8,
+      COUNTERS,
+    );
+    this.logHeader = new Int32Array(sab, logHeaderOffset(queues), 2);
+    this.logStamps = new Int32Array(sab, logStampsOffset(queues), LOG_SLOTS);
+    this.logEntries = new Float64Array(sab, logEntriesOffset(queues), LOG_SLOTS * 2);
+  }
+
+  /** Appends a changed file range for the other queues (called by the queue that changed it). */
+  publishInvalidation(offsetBytes: number, lengthBytes: number): void {
+    const s = Atomics.add(this.logHeader, 0, 1);
+    const slot = s % LOG_SLOTS;
+    this.logEntries[slot * 2] = offsetBytes;
+    this.logEntries[slot * 2 + 1] = lengthBytes;
+    // Release: the entry is complete before its stamp says so.
+    Atomics.store(this.logStamps, slot, s + 1);
+  }
+}
+
+// --- user_data ------------------------------------------------------------------------------
+// bits 0-15 tag, 16-23 segment, 24-27 kind, 28 backend IO. A small integer: no BigInt per IO.
+
+const UD_TAG_MASK = 0xffff;
+const UD_SEG_SHIFT = 16;
+const UD_KIND_SHIFT = 24;
+const UD_BACKEND = 1 << 28;
+const KIND_UBLK = 0; // FETCH / COMMIT_AND_FETCH on /dev/ublkcN
+const KIND_RW = 1; // backend read/write segment
+const KIND_FSYNC = 2; // backend fdatasync (FLUSH)
+const KIND_FALLOC = 3; // backend fallocate (DISCARD / WRITE_ZEROES)
+const KIND_EVENTFD = 4; // mailbox doorbell
+/** Backend segments a request may have in flight at once (the segment field is 8 bits). */
+export const SEG_MAX = 256;
+
+function ud(tag: number, seg: number, kind: number, backend: boolean): number {
+  return tag | (seg << UD_SEG_SHIFT) | (kind << UD_KIND_SHIFT) | (backend ? UD_BACKEND : 0);
+}
+
+// --- configuration ------------------------------------------------------------------------
+
+export interface QueueConfig {
+  devId: number;
+  queueId: number;
+  queues: number;
+  depth: number;
+  maxIoBytes: number;
+  /** /dev/ublkcN, opened once by the main thread (the driver allows one opener). */
+  charFd: number;
+  /** The file, opened O_DIRECT by the server (the fd its lease is on). */
+  fileFd: number;
+  filePath: string;
+  /** The filesystem's block device, O_DIRECT, or -1 when the filesystem is not eligible. */
+  backingFd: number;
+  fileSizeBytes: number;
+  logicalBlockSize: number;
+  readOnly: boolean;
+  mode: Mode;
+  /** Upper bound on cached extents for this queue. */
+  maxExtents: number;
+  /** The doorbell the main thread writes to after posting to the mailbox. */
+  eventFd: number;
+  sab: SharedArrayBuffer;
+}
+
+/** Where a finished request goes: COMMIT_AND_FETCH in the ublk loop, a recorder in tests. */
+export interface Completer {
+  complete(tag: number, result: number): void;
+}
+
+// Per-tag request state (typed arrays, indexed by tag: nothing allocated per request).
+const OP_NONE = 255;
+
+/**
+ * The request engine of one queue: maps requests to backend IO on `ring`, collects the
+ * completions, and hands each finished request to `completer`. It does not know about ublk's
+ * commands, so it can be driven on any kernel (host tests feed it descriptors directly).
+ */
+export class QueueEngine {
+  readonly ring: IoUring;
+  readonly cache: ExtentCache | null;
+  readonly views: SharedViews;
+  readonly buffers: AlignedBuffer;
+  readonly #cfg: QueueConfig;
+  readonly #desc: DataView;
+  readonly #completer: Completer;
+  readonly #bufBase: number;
+  readonly #zeroBytes: Uint8Array;
+  mode: Mode;
+
+  // Per tag.
+  readonly #op: Uint8Array;
+  readonly #flags: Uint32Array;
+  readonly #offset: Float64Array;
+  readonly #length: Float64Array;
+  readonly #cursor: Float64Array;
+  readonly #pending: Int32Array;
+  readonly #direct: Int32Array; // backend IOs of this tag on the block device, in flight
+  readonly #directWrites: Int32Array;
+  readonly #error: Int32Array; // first -errno
+  readonly #viaFile: Uint8Array; // 1 if a write went through the file
+  readonly #segCount: Int32Array;
+  // Per tag × segment: what to re-issue on EINTR/EAGAIN or a short transfer.
+  readonly #segFd: Int32Array;
+  readonly #segDev: Float64Array; // offset on segFd
+  readonly #segBuf: Float64Array; // offset in the tag's buffer
+  readonly #segLen: Float64Array;
+  readonly #segDirect: Uint8Array;
+
+  /** Direct (block device) backend IOs in flight on this queue, and the writes among them. */
+  directInflight = 0;
+  directWritesInflight = 0;
+  /** Backend IOs of any kind in flight. */
+  backendInflight = 0;
+  /** A write or allocation went through the file since the last FLUSH. */
+  #fileDirty = false;
+  /** DISCARD / WRITE_ZEROES requests waiting for overlapping direct IO to finish. */
+  readonly #deferred: number[] = [];
+  /** Ranges being punched right now: [offset, length] pairs, by tag. */
+  readonly #punching = new Map<number, [number, number]>();
+  #logSeen = 0;
+
+  constructor(cfg: QueueConfig, ring: IoUring, desc: DataView, completer: Completer) {
+    this.#cfg = cfg;
+    this.ring = ring;
+    this.#desc = desc;
+    this.#completer = completer;
+    this.mode = cfg.mode;
+    this.views = new SharedViews(cfg.sab, cfg.queues, cfg.queueId);
+    this.#logSeen = Atomics.load(this.views.logHeader, 0);
+    this.buffers = new AlignedBuffer(cfg.depth * cfg.maxIoBytes);
+    this.#bufBase = Number(this.buffers.address);
+    this.#zeroBytes = this.buffers.bytes;
+    const n = cfg.depth;
+    this.#op = new Uint8Array(n).fill(OP_NONE);
+    this.#flags = new Uint32Array(n);
+    this.#offset = new Float64Array(n);
+    this.#length = new Float64Array(n);
+    this.#cursor = new Float64Array(n);
+    this.#pending = new Int32Array(n);
+    this.#direct = new Int32Array(n);
+    this.#directWrites = new Int32Array(n);
+    this.#error = new Int32Array(n);
+    this.#viaFile = new Uint8Array(n);
+    this.#segCount = new Int32Array(n);
+    this.#segFd = new Int32Array(n * SEG_MAX);
+    this.#segDev = new Float64Array(n * SEG_MAX);
+    this.#segBuf = new Float64Array(n * SEG_MAX);
+    this.#segLen = new Float64Array(n * SEG_MAX);
+    this.#segDirect = new Uint8Array(n * SEG_MAX);
+    const eligible = cfg.backingFd >= 0;
+    const source: ExtentSource = {
+      map: (offsetBytes, lengthBytes, maxExtents) =>
+        fiemapExtents(cfg.fileFd, offsetBytes, lengthBytes, cfg.filePath, maxExtents),
+    };
+    this.cache = eligible
+      ? new ExtentCache(source, {
+        fileSizeBytes: cfg.fileSizeBytes,
+        maxExtents: cfg.maxExtents,
+        blockSize: cfg.logicalBlockSize,
+        eligible,
+      })
+      : null;
+    Atomics.store(this.views.ctrl, CTRL_MODE, this.mode);
+  }
+
+  /** Address (a number) of `tag`'s buffer. */
+  bufferAddress(tag: number): number {
+    return this.#bufBase + tag * this.#cfg.maxIoBytes;
+  }
+
+  /** An SQE slot; when the SQ is full, hands what is prepared to the kernel to make room. */
+  #sqe(): number {
+    let sqe = this.ring.getSqe();
+    if (sqe < 0) {
+      this.ring.submit();
+      sqe = this.ring.getSqe();
+      if (sqe < 0) throw new Error(`queue ${this.#cfg.queueId}: submission queue stuck full`);
+    }
+    return sqe;
+  }
+
+  // --- requests -----------------------------------------------------------------------------
+
+  /** A request arrived in `tag`'s descriptor: start serving it. */
+  handleRequest(tag: number): void {
+    const d = this.#desc;
+    const base = tag * IO_DESC_SIZE;
+    const opFlags = d.getUint32(base + IO_DESC_OP_FLAGS, true);
+    const sectors = d.getUint32(base + IO_DESC_NR_SECTORS, true);
+    // u64 as two halves: no BigInt on the request path.
+    const startSector = d.getUint32(base + IO_DESC_START_SECTOR, true) +
+      d.getUint32(base + IO_DESC_START_SECTOR + 4, true) * 0x1_0000_0000;
+    const op = opFlags & 0xff;
+    const c = this.views.counters;
+    c[Counter.inflight]!++;
+    this.#op[tag] = op;
+    this.#flags[tag] = opFlags;
+    this.#offset[tag] = startSector * 512;
+    this.#length[tag] = sectors * 512;
+    this.#cursor[tag] = 0;
+    this.#pending[tag] = 0;
+    this.#direct[tag] = 0;
+    this.#directWrites[tag] = 0;
+    this.#error[tag] = 0;
+    this.#viaFile[tag] = 0;
+    this.#segCount[tag] = 0;
+    const end = this.#offset[tag]! + this.#length[tag]!;
+    switch (op) {
+      case UBLK_IO_OP_READ:
+      case UBLK_IO_OP_WRITE:
+        if (op === UBLK_IO_OP_READ) c[Counter.reads]!++;
+        else c[Counter.writes]!++;
+        if (end > this.#cfg.fileSizeBytes || this.#length[tag]! > this.#cfg.maxIoBytes) {
+          return this.#finish(tag, -EIO);
+        }
+        if (op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(tag, -EROFS);
+        this.#issueSegments(tag);
+        return;
+      case UBLK_IO_OP_FLUSH:
+        c[Counter.flushes]!++;
+        this.#flush(tag);
+        return;
+      case UBLK_IO_OP_DISCARD:
+      case UBLK_IO_OP_WRITE_ZEROES:
+        if (op === UBLK_IO_OP_DISCARD) c[Counter.discards]!++;
+        else c[Counter.writeZeroes]!++;
+        if (this.#cfg.readOnly) return this.#finish(tag, -EROFS);
+        if (end > this.#cfg.fileSizeBytes) return this.#finish(tag, -EIO);
+        if (this.#directOverlaps(this.#offset[tag]!, this.#length[tag]!)) {
+          this.#deferred.push(tag);
+        } else {
+          this.#punch(tag);
+        }
+        return;
+      default:
+        return this.#finish(tag, -EOPNOTSUPP);
+    }
+  }
+
+  /**
+   * Issues backend IO for `tag` from its cursor on, one segment per run of the file that maps
+   * the same way, until the request is covered or SEG_MAX segments are in flight (then the rest
+   * follows when they complete).
+   */
+  #issueSegments(tag: number): void {
+    const isWrite = this.#op[tag] === UBLK_IO_OP_WRITE;
+    const fua = isWrite && (this.#flags[tag]! & UBLK_IO_F_FUA) !== 0;
+    const rwFlags = fua ? RWF_DSYNC : 0;
+    const offset = this.#offset[tag]!;
+    const length = this.#length[tag]!;
+    const cache = this.cache;
+    const c = this.views.counters;
+    const fileFd = this.#cfg.fileFd;
+    const backingFd = this.#cfg.backingFd;
+    const mode = this.mode;
+    const useFile = cache === null || mode === Mode.file ||
+      (isWrite && mode === Mode.readDirect) ||
+      (this.#punching.size > 0 && this.#punchOverlaps(offset, length));
+    let cursor = this.#cursor[tag]!;
+    // A run being gathered: consecutive pieces on the same fd at consecutive offsets.
+    let runFd = -1;
+    let runDev = 0;
+    let runBuf = 0;
+    let runLen = 0;
+    let runDirect = false;
+    while (cursor < length && this.#segCount[tag]! < SEG_MAX) {
+      const pos = offset + cursor;
+      let fd: number;
+      let dev: number;
+      let chunk: number;
+      let direct = false;
+      if (useFile) {
+        fd = fileFd;
+        dev = pos;
+        chunk = length - cursor;
+      } else {
+        const i = cache!.lookup(pos);
+        chunk = Math.min(length - cursor, cache!.endAt(i) - pos);
+        const kind = cache!.kindAt(i);
+        if (kind === ExtentKind.direct) {
+          fd = backingFd;
+          dev = cache!.physicalOf(i, pos);
+          direct = true;
+        } else if (!isWrite && (kind === ExtentKind.hole || kind === ExtentKind.unwritten)) {
+          // Reads as zeros: fill the request's buffer in place, no backend IO.
+          const at = tag * this.#cfg.maxIoBytes + cursor;
+          this.#zeroBytes.fill(0, at, at + chunk);
+          c[Counter.bytesReadZero]! += chunk;
+          cursor += chunk;
+          continue;
+        } else {
+          fd = fileFd;
+          dev = pos;
+        }
+      }
+      if (runLen > 0 && fd === runFd && dev === runDev + runLen) {
+        runLen += chunk;
+      } else {
+        if (runLen > 0) this.#emit(tag, runFd, runDev, runBuf, runLen, runDirect, rwFlags);
+        runFd = fd;
+        runDev = dev;
+        runBuf = cursor;
+        runLen = chunk;
+        runDirect = direct;
+      }
+      cursor += chunk;
+      // Keep room for the run in the segment table.
+      if (this.#segCount[tag]! >= SEG_MAX - 1) break;
+    }
+    if (runLen > 0) this.#emit(tag, runFd, runDev, runBuf, runLen, runDirect, rwFlags);
+    this.#cursor[tag] = cursor;
+    if (this.#pending[tag] === 0) this.#requestDone(tag);
+  }
+
+  /** Records segment `segCount[tag]` and submits it. */
+  #emit(
+    tag: number,
+    fd: number,
+    dev: number,
+    bufOffset: number,
+    len: number,
+    direct: boolean,
+    rwFlags: number,
+  ): void {
+    const seg = this.#segCount[tag]!++;
+    const k = tag * SEG_MAX + seg;
+    this.#segFd[k] = fd;
+    this.#segDev[k] = dev;
+    this.#segBuf[k] = bufOffset;
+    this.#segLen[k] = len;
+    this.#segDirect[k] = direct ? 1 : 0;
+    const isWrite = this.#op[tag] === UBLK_IO_OP_WRITE;
+    const c = this.views.counters;
+    if (direct) {
+      this.#direct[tag]!++;
+      this.directInflight++;
+      if (isWrite) {
+        this.#directWrites[tag]!++;
+        this.directWritesInflight++;
+        c[Counter.bytesWrittenDirect]! += len;
+      } else {
+        c[Counter.bytesReadDirect]! += len;
+      }
+    } else if (isWrite) {
+      this.#viaFile[tag] = 1;
+      this.#fileDirty = true;
+      c[Counter.bytesWrittenFile]! += len;
+    } else {
+      c[Counter.bytesReadFile]! += len;
+    }
+    this.#submitSegment(tag, seg, rwFlags);
+  }
+
+  #submitSegment(tag: number, seg: number, rwFlags: number): void {
+    const k = tag * SEG_MAX + seg;
+    const sqe = this.#sqe();
+    const addr = this.bufferAddress(tag) + this.#segBuf[k]!;
+    const userData = ud(tag, seg, KIND_RW, true);
+    if (this.#op[tag] === UBLK_IO_OP_WRITE) {
+      this.ring.prepWrite(
+        sqe,
+        this.#segFd[k]!,
+        addr,
+        this.#segLen[k]!,
+        this.#segDev[k]!,
+        userData,
+        rwFlags,
+      );
+    } else {
+      this.ring.prepRead(sqe, this.#segFd[k]!, addr, this.#segLen[k]!, this.#segDev[k]!, userData);
+    }
+    this.#pending[tag]!++;
+    this.backendInflight++;
+  }
+
+  /** A backend read/write segment completed. */
+  #segmentDone(tag: number, seg: number, res: number): void {
+    const k = tag * SEG_MAX + seg;
+    this.#pending[tag]!--;
+    this.backendInflight--;
+    const expected = this.#segLen[k]!;
+    const rwFlags = this.#op[tag] === UBLK_IO_OP_WRITE && (this.#flags[tag]! & UBLK_IO_F_FUA)
+      ? RWF_DSYNC
+      : 0;
+    if (res === -EINTR || res === -EAGAIN) {
+      this.views.counters[Counter.retries]!++;
+      this.#submitSegment(tag, seg, rwFlags);
+      return;
+    }
+    if (res > 0 && res < expected) {
+      // Short transfer: issue the rest of the segment.
+      this.#segDev[k] = this.#segDev[k]! + res;
+      this.#segBuf[k] = this.#segBuf[k]! + res;
+      this.#segLen[k] = expected - res;
+      this.views.counters[Counter.retries]!++;
+      this.#submitSegment(tag, seg, rwFlags);
+      return;
+    }
+    if (this.#segDirect[k]) {
+      this.#direct[tag]!--;
+      this.directInflight--;
+      if (this.#op[tag] === UBLK_IO_OP_WRITE) {
+        this.#directWrites[tag]!--;
+        this.directWritesInflight--;
+      }
+    }
+    if (res <= 0 && this.#error[tag] === 0) {
+      // 0 bytes for a non-empty segment: the file ended under us (truncated): an IO error.
+      this.#error[tag] = res < 0 ? res : -EIO;
+      Atomics.store(this.views.ctrl, CTRL_ERRNO, res < 0 ? -res : EIO);
+    }
+    if (this.#pending[tag] !== 0) return;
+    if (this.#error[tag] === 0 && this.#cursor[tag]! < this.#length[tag]!) {
+      this.#segCount[tag] = 0;
+      this.#issueSegments(tag);
+      return;
+    }
+    this.#requestDone(tag);
+  }
+
+  /** Every backend IO of a read/write finished (or none was needed). */
+  #requestDone(tag: number): void {
+    const err = this.#error[tag]!;
+    if (this.#viaFile[tag]) {
+      // The filesystem may have allocated or converted blocks: map the range afresh. Only
+      // now, after the write completed, or a concurrent lookup could re-cache the old state.
+      this.#changed(this.#offset[tag]!, this.#length[tag]!);
+    }
+    this.#finish(tag, err < 0 ? err : this.#length[tag]!);
+  }
+
+  #flush(tag: number): void {
+    const fileToo = this.#fileDirty || this.#cfg.backingFd < 0;
+    this.#fileDirty = false;
+    this.#viaFile[tag] = fileToo ? 1 : 0;
+    if (this.#cfg.backingFd >= 0) {
+      this.ring.prepFsync(this.#sqe(), this.#cfg.backingFd, true, ud(tag, 0, KIND_FSYNC, true));
+      this.#pending[tag]!++;
+      this.backendInflight++;
+    }
+    if (fileToo) {
+      this.ring.prepFsync(this.#sqe(), this.#cfg.fileFd, true, ud(tag, 1, KIND_FSYNC, true));
+      this.#pending[tag]!++;
+      this.backendInflight++;
+    }
+  }
+
+  #fsyncDone(tag: number, res: number): void {
+    this.#pending[tag]!--;
+    this.backendInflight--;
+    if (res < 0 && this.#error[tag] === 0) {
+      this.#error[tag] = res;
+      // The file's metadata may still be unsynced: flush it again next time.
+      if (this.#viaFile[tag]) this.#fileDirty = true;
+    }
+    if (this.#pending[tag] === 0) {
+      this.#finish(tag, this.#error[tag]! < 0 ? this.#error[tag]! : 0);
+    }
+  }
+
+  /** DISCARD / WRITE_ZEROES: punch (or zero) the range in the file, keeping its size. */
+  #punch(tag: number): void {
+    const offset = this.#offset[tag]!;
+    const length = this.#length[tag]!;
+    const zero = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES &&
+      (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
+    const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
+    // No direct IO may use a mapping from before the punch: forget it now, steer overlapping
+    // requests to the file while the punch runs, and forget it again when it is done.
+    this.cache?.invalidate(offset, length);
+    this.#punching.set(tag, [offset, length]);
+    this.#fileDirty = true;
+    this.ring.prepFallocate(
+      this.#sqe(),
+      this.#cfg.fileFd,
+      mode,
+      offset,
+      length,
+      ud(tag, 0, KIND_FALLOC, true),
+    );
+    this.#pending[tag]!++;
+    this.backendInflight++;
+  }
+
+  #punchDone(tag: number, res: number): void {
+    this.#pending[tag]!--;
+    this.backendInflight--;
+    this.#punching.delete(tag);
+    this.#changed(this.#offset[tag]!, this.#length[tag]!);
+    if (res >= 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
+    else Atomics.store(this.views.ctrl, CTRL_ERRNO, -res);
+    this.#finish(tag, res < 0 ? res : 0);
+  }
+
+  #directOverlaps(offset: number, length: number): boolean {
+    if (this.directInflight === 0) return false;
+    const end = offset + length;
+    for (let t = 0; t < this.#cfg.depth; t++) {
+      if (
+        this.#direct[t]! > 0 && this.#offset[t]! < end &&
+        offset < this.#offset[t]! + this.#length[t]!
+      ) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  #punchOverlaps(offset: number, length: number): boolean {
+    const end = offset + length;
+    for (const [o, l] of this.#punching.values()) if (o < end && offset < o + l) return true;
+    return false;
+  }
+
+  /** The file's mapping changed in a range: forget it here and tell the other queues. */
+  #changed(offset: number, length: number): void {
+    this.cache?.invalidate(offset, length);
+    if (this.#cfg.queues > 1) this.views.publishInvalidation(offset, length);
+  }
+
+  #finish(tag: number, result: number): void {
+    this.#op[tag] = OP_NONE;
+    const c = this.views.counters;
+    c[Counter.inflight]!--;
+    if (result < 0) c[Counter.errors]!++;
+    this.#completer.complete(tag, result);
+  }
+
+  // --- dispatch -------------------------------------------------------------------------------
+
+  /** A backend CQE (user_data with the backend bit). */
+  onBackendCqe(userData: number, res: number): void {
+    const tag = userData & UD_TAG_MASK;
+    const seg = (userData >>> UD_SEG_SHIFT) & 0xff;
+    switch ((userData >>> UD_KIND_SHIFT) & 0xf) {
+      case KIND_RW:
+        return this.#segmentDone(tag, seg, res);
+      case KIND_FSYNC:
+        return this.#fsyncDone(tag, res);
+      case KIND_FALLOC:
+        return this.#punchDone(tag, res);
+    }
+  }
+
+  /** Applies the other queues' invalidations; call before dispatching new requests. */
+  applyInvalidations(): void {
+    const h = this.views.logHeader;
+    const published = Atomics.load(h, 0);
+    if (published === this.#logSeen) return;
+    if (published - this.#logSeen > LOG_SLOTS) {
+      // Lapped: too much changed to replay; start from an empty map.
+      this.cache?.clear();
+      this.#logSeen = published;
+      return;
+    }
+    const stamps = this.views.logStamps;
+    const entries = this.views.logEntries;
+    while (this.#logSeen !== published) {
+      const slot = this.#logSeen % LOG_SLOTS;
+      // Not written yet: its writer has not completed the request either; look again later.
+      if (Atomics.load(stamps, slot) !== this.#logSeen + 1) break;
+      this.cache?.invalidate(entries[slot * 2]!, entries[slot * 2 + 1]!);
+      this.#logSeen++;
+    }
+  }
+
+  /** Start deferred punches whose overlapping direct IO has drained. */
+  runDeferred(): void {
+    for (let i = 0; i < this.#deferred.length;) {
+      const tag = this.#deferred[i]!;
+      if (this.#directOverlaps(this.#offset[tag]!, this.#length[tag]!)) {
+        i++;
+        continue;
+      }
+      this.#deferred.splice(i, 1);
+      this.#punch(tag);
+    }
+  }
+
+  /** Switches mode: new requests follow it at once; in-flight IO drains (see `drainedFor`). */
+  setMode(mode: Mode): void {
+    this.mode = mode;
+    if (mode === Mode.file) this.cache?.clear();
+    Atomics.store(this.views.ctrl, CTRL_MODE, mode);
+  }
+
+  /** Has the IO that `mode` forbids drained? (file: no direct IO; read-direct: no direct write) */
+  drainedFor(mode: Mode): boolean {
+    if (mode === Mode.file) return this.directInflight === 0;
+    if (mode === Mode.readDirect) return this.directWritesInflight === 0;
+    return true;
+  }
+
+  invalidate(offset: number, length: number): void {
+    this.cache?.invalidate(offset, length);
+  }
+
+  /** Copies the cache statistics into the shared counters. */
+  publishStats(): void {
+    const c = this.views.counters;
+    if (this.cache === null) return;
+    const s = this.cache.stats();
+    c[Counter.cacheHits] = s.hits;
+    c[Counter.cacheMisses] = s.misses;
+    c[Counter.fiemapCalls] = s.fiemapCalls;
+    c[Counter.extentsCached] = s.extents;
+    c[Counter.extentCacheBytes] = s.memoryBytes;
+  }
+
+  close(): void {
+    this.buffers.free();
+  }
+}
+
+function fiemapExtents(
+  fd: number,
+  offsetBytes: number,
+  lengthBytes: number,
+  path: string,
+  maxExtents?: number,
+) {
+  // No FIEMAP_FLAG_SYNC: the server writes only with O_DIRECT and holds the lease, so nothing
+  // of the file is dirty in the page cache; delalloc extents, if any, are classified via-file.
+  return fiemap(fd, offsetBytes, lengthBytes, { path, maxExtents });
+}
+
+// --- the ublk queue loop --------------------------------------------------------------------
+
+/** Maps /dev/ublkcN's descriptor area of one queue (read-only: the driver refuses writable maps). */
+export interface QueueResources {
+  desc: DataView;
+  unmap(): void;
+}
+
+/**
+ * Runs queue `cfg.queueId` until the device stops (every tag's fetch ends with ABORT) or the
+ * main thread posts `quit`. Calls `onFetching` once every FETCH_REQ is submitted (START_DEV and
+ * END_USER_RECOVERY wait for that).
+ */
+export function runQueue(
+  cfg: QueueConfig,
+  resources: QueueResources,
+  onFetching: () => void,
+): void {
+  const entries = nextPow2(Math.min(4096, Math.max(64, cfg.depth * 2 + 8)));
+  const ring = IoUring.setup(entries, { sqe128: true, cqe32: true, cqEntries: entries * 4 });
+  const commits = new CommitPort(cfg, ring);
+  const engine = new QueueEngine(cfg, ring, resources.desc, commits);
+  commits.engine = engine;
+  const views = engine.views;
+  const doorbell = new AlignedBuffer(8);
+  const ctrl = views.ctrl;
+  let aborted = 0;
+  let quit = false;
+  let modeAckSeq = 0;
+  let modeWanted: Mode = engine.mode;
+  let handledSeq = Atomics.load(ctrl, CTRL_MB_SEQ);
+
+  const postDoorbell = () => {
+    ring.prepReadEventfd(
+      ring.getSqe(),
+      cfg.eventFd,
+      doorbell.address,
+      ud(0, 0, KIND_EVENTFD, false),
+    );
+  };
+
+  const mailbox = () => {
+    const seq = Atomics.load(ctrl, CTRL_MB_SEQ);
+    if (seq === handledSeq) return;
+    handledSeq = seq;
+    switch (Atomics.load(ctrl, CTRL_MB_OP)) {
+      case MbOp.setMode: {
+        modeWanted = Atomics.load(ctrl, CTRL_MB_MODE) as Mode;
+        engine.setMode(modeWanted);
+        modeAckSeq = seq; // acknowledged once drained (below)
+        return;
+      }
+      case MbOp.invalidate:
+        engine.invalidate(views.args[ARG_OFFSET]!, views.args[ARG_LENGTH]!);
+        break;
+      case MbOp.quit:
+        quit = true;
+        break;
+    }
+    ack(seq);
+  };
+  const ack = (seq: number) => {
+    Atomics.store(ctrl, CTRL_MB_ACK, seq);
+    Atomics.notify(ctrl, CTRL_MB_ACK);
+  };
+
+  const onCqe = (userData: number, res: number) => {
+    if (userData & UD_BACKEND) return engine.onBackendCqe(userData, res);
+    const kind = (userData >>> UD_KIND_SHIFT) & 0xf;
+    if (kind === KIND_EVENTFD) {
+      mailbox();
+      if (!quit) postDoorbell();
+      return;
+    }
+    const tag = userData & UD_TAG_MASK;
+    if (res === UBLK_IO_RES_OK) return engine.handleRequest(tag);
+    if (res === UBLK_IO_RES_ABORT) {
+      aborted++;
+      return;
+    }
+    // Any other result means the command itself was refused: the queue cannot go on.
+    throw new Error(
+      `queue ${cfg.queueId} tag ${tag}: ublk command failed with ${res} (${errnoName(-res)})`,
+    );
+  };
+
+  try {
+    postDoorbell();
+    for (let tag = 0; tag < cfg.depth; tag++) commits.fetch(tag);
+    ring.submit();
+    Atomics.store(ctrl, CTRL_STATE, QueueState.fetching);
+    onFetching();
+    for (;;) {
+      ring.submitAndWait(1);
+      ring.reapCqes(onCqe);
+      engine.applyInvalidations();
+      engine.runDeferred();
+      if (modeAckSeq !== 0 && engine.drainedFor(modeWanted)) {
+        ack(modeAckSeq);
+        modeAckSeq = 0;
+      }
+      engine.publishStats();
+      if (quit) break;
+      if (aborted === cfg.depth && engine.backendInflight === 0) break;
+    }
+    Atomics.store(ctrl, CTRL_STATE, QueueState.exited);
+  } catch (e) {
+    Atomics.store(ctrl, CTRL_STATE, QueueState.failed);
+    throw e;
+  } finally {
+    // Closing the ring cancels whatever is still posted (fetches, the doorbell read).
+    ring.close();
+    engine.close();
+    doorbell.free();
+    resources.unmap();
+    if (modeAckSeq !== 0) ack(modeAckSeq);
+  }
+}
+
+/** Issues FETCH_REQ and COMMIT_AND_FETCH_REQ for one queue's tags. */
+class CommitPort implements Completer {
+  engine: QueueEngine | null = null;
+  readonly #cfg: QueueConfig;
+  readonly #ring: IoUring;
+  constructor(cfg: QueueConfig, ring: IoUring) {
+    this.#cfg = cfg;
+    this.#ring = ring;
+  }
+
+  #cmd(op: number, tag: number, result: number): void {
+    let sqe = this.#ring.getSqe();
+    if (sqe < 0) {
+      this.#ring.submit();
+      sqe = this.#ring.getSqe();
+    }
+    const p = this.#ring.prepUringCmd(sqe, this.#cfg.charFd, op, ud(tag, 0, KIND_UBLK, false));
+    const v = this.#ring.sqeView;
+    const addr = this.engine!.bufferAddress(tag);
+    v.setUint16(p + IO_CMD_Q_ID, this.#cfg.queueId, true);
+    v.setUint16(p + IO_CMD_TAG, tag, true);
+    v.setInt32(p + IO_CMD_RESULT, result, true);
+    v.setUint32(p + IO_CMD_ADDR, addr % 0x1_0000_0000, true);
+    v.setUint32(p + IO_CMD_ADDR + 4, Math.floor(addr / 0x1_0000_0000), true);
+  }
+
+  fetch(tag: number): void {
+    this.#cmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+  }
+
+  complete(tag: number, result: number): void {
+    this.#cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+  }
+}
+
+function nextPow2(n: number): number {
+  let p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
