@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Boots the fastloop test VM (a Debian kernel with ublk_drv under QEMU TCG) and runs one command
+# inside it as root, in /fastloop (a copy of the project tree), with a scratch virtio disk /dev/vda.
+# Streams the console to stdout and exits with the command's exit status; stage timings go to
+# stderr. A VM that never reports the status (boot failure, panic, timeout) exits 125, loudly.
+#
+# Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--timeout SECONDS]
+#                      [--disk-size SIZE] [--keep-disk PATH] [--refresh-kernel] [--] CMD ARGS...
+#   --keep-disk PATH  use PATH as /dev/vda (created sparse if missing) and keep it afterwards, e.g.
+#                     for a second boot of the same disk
+#   --refresh-kernel  look for a newer kernel package instead of reusing the cached one
+# Environment: FASTLOOP_* variables and CI, NO_COLOR are passed into the VM's command.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="$root/.cache/vm"
+
+kernel=6.12
+mem=3072
+cpus=2
+timeout_s=2400
+disk_size=8G
+keep_disk=""
+refresh=""
+usage() {
+  sed -n '7,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --kernel) kernel="${2:?--kernel needs 6.12 or 7.3}"; shift 2 ;;
+    --mem) mem="${2:?--mem needs MiB}"; shift 2 ;;
+    --cpus) cpus="${2:?--cpus needs a count}"; shift 2 ;;
+    --timeout) timeout_s="${2:?--timeout needs seconds}"; shift 2 ;;
+    --disk-size) disk_size="${2:?--disk-size needs a size}"; shift 2 ;;
+    --keep-disk) keep_disk="${2:?--keep-disk needs a path}"; shift 2 ;;
+    --refresh-kernel) refresh=--refresh; shift ;;
+    --) shift; break ;;
+    -h | --help) usage ;;
+    -*) echo "vm.sh: unknown option '$1'" >&2; usage ;;
+    *) break ;;
+  esac
+done
+if [ $# -eq 0 ]; then
+  echo "vm.sh: no command given" >&2
+  usage
+fi
+case "$kernel" in
+  6.12 | 7.3) ;;
+  *) echo "vm.sh: unsupported kernel '$kernel' (expected 6.12 or 7.3)" >&2; exit 2 ;;
+esac
+
+now() { echo "${EPOCHREALTIME/,/.}"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+stage_log() { echo "vm.sh: [$1] $2" >&2; }
+
+mkdir -p "$cache"
+run_tmp="$(mktemp -d "$cache/run.XXXXXX")"
+disk=""
+qemu_pid=""
+cleanup() {
+  if [ -n "$qemu_pid" ]; then kill "$qemu_pid" 2>/dev/null || true; fi
+  rm -rf "$run_tmp"
+  if [ -z "$keep_disk" ] && [ -n "$disk" ]; then rm -f "$disk"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# 1. Host packages and Deno.
+t0="$(now)"
+bash "$root/scripts/install-deps.sh"
+deno_bin="$(bash "$root/scripts/setup.sh")"
+t1="$(now)"
+stage_log deps "$(elapsed "$t0" "$t1") s"
+
+# 2. Kernel (cached after the first fetch).
+kdir="$(bash "$root/scripts/vm/fetch-kernel.sh" "$kernel" "$cache" $refresh)"
+kver="$(cat "$kdir/version")"
+t2="$(now)"
+stage_log kernel "$(elapsed "$t1" "$t2") s ($kver)"
+
+# 3. Base initramfs, rebuilt only when one of its inputs changed: the kernel, Deno, the host's
+# packages the tools come from, and the scripts that define it.
+base="$cache/base-$kernel.cpio.gz"
+key="$(
+  {
+    echo "$kver"
+    "$deno_bin" --version | head -n 1
+    stat -c '%s %Y' "$deno_bin"
+    dpkg-query -W -f='${Package} ${Version}\n' busybox-static fio e2fsprogs xfsprogs util-linux \
+      kmod coreutils diffutils psmisc dmsetup bash libc6 2>/dev/null || true
+    cat "$root/scripts/vm/init" "$root/scripts/vm/tools.list" "$root/scripts/vm/modules.list" \
+      "$root/scripts/vm/build-base.sh"
+  } | sha256sum | cut -d' ' -f1
+)"
+if [ -f "$base" ] && [ "$(cat "$base.key" 2>/dev/null)" = "$key" ]; then
+  base_note="cached"
+else
+  stage_log initramfs "building $base"
+  bash "$root/scripts/vm/build-base.sh" "$kdir" "$deno_bin" "$base"
+  echo "$key" >"$base.key"
+  base_note="rebuilt"
+fi
+
+# Per-run overlay: the project tree (tracked plus untracked non-ignored files, as the working tree
+# has them) under /fastloop, the command as /run-cmd, and a nonce that makes the exit marker
+# unforgeable by the command's own output.
+ov="$run_tmp/overlay"
+mkdir -p "$ov/fastloop" "$ov/etc/fastloop"
+(
+  cd "$root"
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard
+  else
+    find . -path ./.git -prune -o -type f -printf '%P\0'
+  fi
+) | (
+  cd "$root"
+  while IFS= read -r -d '' f; do
+    case "$f" in .tools/* | .cache/* | .git/*) continue ;; esac
+    if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
+  done
+) | (cd "$root" && cpio -pdm0 --quiet "$ov/fastloop")
+nonce="$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+echo "$nonce" >"$ov/etc/fastloop/nonce"
+{
+  echo '#!/bin/bash'
+  echo '# Written by scripts/vm.sh for one run.'
+  while IFS='=' read -r name value; do
+    case "$name" in
+      FASTLOOP_* | CI | NO_COLOR) printf 'export %s=%q\n' "$name" "${!name}" ;;
+    esac
+  done < <(env)
+  # Colours in the console stream make logs and deno's summary lines hard to parse.
+  if [ ! -t 1 ]; then echo 'export NO_COLOR=1'; fi
+  echo 'cd /fastloop'
+  printf 'exec'
+  printf ' %q' "$@"
+  printf '\n'
+} >"$ov/run-cmd"
+chmod 0755 "$ov/run-cmd"
+initrd="$run_tmp/initrd.cpio.gz"
+(cd "$ov" && find . -print0 | LC_ALL=C sort -z |
+  cpio --null --create --format=newc --quiet --owner=0:0) | gzip -1 >"$run_tmp/overlay.cpio.gz"
+# Concatenated gzip'd cpio archives: the kernel unpacks them in order, the overlay last.
+cat "$base" "$run_tmp/overlay.cpio.gz" >"$initrd"
+t3="$(now)"
+stage_log initramfs "$(elapsed "$t2" "$t3") s (base $base_note, $(du -m "$base" | cut -f1) MiB;\
+ overlay $(du -k "$run_tmp/overlay.cpio.gz" | cut -f1) KiB)"
+
+# 4. Scratch disk: sparse, fresh per run unless --keep-disk names one to reuse.
+if [ -n "$keep_disk" ]; then
+  disk="$keep_disk"
+  if [ ! -e "$disk" ]; then truncate -s "$disk_size" "$disk"; fi
+else
+  disk="$cache/scratch-$$.img"
+  rm -f "$disk"
+  truncate -s "$disk_size" "$disk"
+fi
+# cache=none needs O_DIRECT on the file's filesystem (tmpfs has none): probe with a read.
+if dd if="$disk" of=/dev/null bs=4096 count=1 iflag=direct status=none 2>/dev/null; then
+  drive_cache="cache=none,aio=native"
+else
+  drive_cache="cache=writeback,aio=threads"
+fi
+
+# 5. Boot. stdin is /dev/null: CI has none, and QEMU must not read the terminal.
+qemu=(
+  qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m "$mem" -smp "$cpus"
+  -nographic -no-reboot -nic none
+  -kernel "$kdir/vmlinuz" -initrd "$initrd"
+  -append "console=ttyS0 quiet panic=-1"
+  -drive "file=$disk,if=virtio,format=raw,$drive_cache"
+)
+status=""
+t_start=""
+exec 3< <(exec timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1)
+qemu_pid=$!
+while IFS= read -r line <&3 || [ -n "$line" ]; do
+  line="${line%$'\r'}"
+  case "$line" in
+    *"FASTLOOP-VM-START $nonce"*)
+      t_start="$(now)"
+      stage_log boot "$(elapsed "$t3" "$t_start") s to the command (guest${line##*"$nonce"})"
+      continue
+      ;;
+    *"FASTLOOP-VM-EXIT $nonce "*)
+      status="${line##*"FASTLOOP-VM-EXIT $nonce "}"
+      status="${status%% *}"
+      ;;
+  esac
+  printf '%s\n' "$line"
+done
+exec 3<&-
+qemu_rc=0
+wait "$qemu_pid" || qemu_rc=$?
+qemu_pid=""
+t4="$(now)"
+
+if [ -n "$t_start" ]; then
+  stage_log command "$(elapsed "$t_start" "$t4") s (exit status ${status:-none})"
+fi
+if ! [[ "$status" =~ ^[0-9]+$ ]]; then
+  if [ "$qemu_rc" = 124 ]; then
+    why="timed out after $timeout_s s"
+  elif [ -z "$t_start" ]; then
+    why="the command never started (boot failure or kernel panic; QEMU exit status $qemu_rc)"
+  else
+    why="the command started but no exit status came back (QEMU exit status $qemu_rc)"
+  fi
+  echo "vm.sh: FAILED: the VM ($kver) did not report an exit status: $why" >&2
+  exit 125
+fi
+stage_log total "$(elapsed "$t0" "$t4") s"
+exit "$status"
