@@ -3,8 +3,8 @@
 //! `/dev/NAME`), device size and sector sizes (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`), the
 //! filesystem type from the statfs magic, and `FS_IOC_FSGETXATTR` (XFS realtime files).
 
-import { UserError } from "../lib/errors.ts";
-import { ENOENT, SyscallError } from "./errno.ts";
+import { ExitCode, UserError } from "../lib/errors.ts";
+import { EACCES, ENOENT, EPERM, SyscallError } from "./errno.ts";
 import {
   close,
   devMajor,
@@ -186,6 +186,13 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
   } catch (e) {
     if (e instanceof SyscallError && e.errno === ENOENT) {
       throw new UserError(`Block device ${devicePath} (${major}:${minor}) is missing from /dev`);
+    }
+    if (e instanceof SyscallError) {
+      // EPERM/EACCES: not root, or a container that hides the host's disks.
+      throw new UserError(
+        `Cannot open the filesystem's block device: ${e.message}`,
+        e.errno === EPERM || e.errno === EACCES ? ExitCode.permission : ExitCode.badInput,
+      );
     }
     throw e;
   }

@@ -1,0 +1,319 @@
+//! `fastloop map FILE [--json]`: the file's extents as FIEMAP reports them (like `filefrag -v`),
+//! what fastloop would do with each — read and write the device directly, read zeros, or go
+//! through the file — and why, plus a summary: backing device, filesystem, eligibility, and how
+//! much of the file is on the fast path.
+
+import { SyscallError } from "../../ffi/errno.ts";
+import { extentFlagNames, fiemap, type FiemapExtent } from "../../ffi/fiemap.ts";
+import { filesystemOf } from "../../ffi/blkdev.ts";
+import { close, fstat, O_NONBLOCK, O_RDONLY, open, S_IFMT, S_IFREG } from "../../ffi/libc.ts";
+import { type Command, parseCommandArgs } from "../cli.ts";
+import {
+  classifyExtent,
+  type Eligibility,
+  EXTENT_KIND_NAMES,
+  EXTENT_REASON_NAMES,
+  EXTENT_REASON_TEXT,
+  ExtentKind,
+  filesystemEligibility,
+} from "../eligibility.ts";
+import { ExitCode, UsageError, UserError } from "../errors.ts";
+
+const HELP = `Usage: fastloop map FILE [--json]
+
+Shows FILE's extents as the filesystem reports them (FIEMAP, after syncing the file; the same
+extents and units as 'filefrag -v'), and for each one whether fastloop reads and writes it
+directly on the filesystem's block device, reads it as zeros, or goes through the file, and why.
+Ends with a summary: backing device, filesystem, whether it is eligible for the direct path, and
+the share of the file on the fast path.
+
+Mapping opens FILE read-only: if it is attached, its device switches to its shared (read-lease)
+mode until this command exits.
+
+Options:
+  --json      Print one JSON object instead of the table (field names are stable):
+                file, sizeBytes, blockSize (filesystem block: the unit of the *Block fields),
+                filesystem, eligible, ineligibleReason (string or null),
+                device: { path, major, minor, partition, sizeBytes, logicalBlockSize,
+                          physicalBlockSize } or null,
+                extents: [{ index, logicalBytes, physicalBytes, lengthBytes, logicalBlock,
+                            physicalBlock, lengthBlocks, flags (FIEMAP_EXTENT_* bits),
+                            flagNames (filefrag's names), kind ("direct" | "unwritten" |
+                            "via-file"), read ("direct" | "zeros" | "file"),
+                            write ("direct" | "file"), reason (short name or ""),
+                            reasonText }],
+                summary: { directBytes, unwrittenBytes, holeBytes, viaFileBytes,
+                           fastPathBytes (read and written directly), fastPathShare (0..1) }
+                (byte counts cover [0, sizeBytes); extents past the end are listed, not counted)
+  -h, --help  Show this help
+
+Exit codes: 0 ok, 2 bad flags, 3 FILE missing or not a regular file or has no extent map.`;
+
+export interface MapExtent {
+  index: number;
+  logicalBytes: number;
+  physicalBytes: number;
+  lengthBytes: number;
+  logicalBlock: number;
+  physicalBlock: number;
+  lengthBlocks: number;
+  flags: number;
+  flagNames: string[];
+  kind: "direct" | "unwritten" | "via-file";
+  read: "direct" | "zeros" | "file";
+  write: "direct" | "file";
+  reason: string;
+  reasonText: string;
+}
+
+export interface MapReport {
+  file: string;
+  sizeBytes: number;
+  blockSize: number;
+  filesystem: string;
+  eligible: boolean;
+  ineligibleReason: string | null;
+  device: {
+    path: string;
+    major: number;
+    minor: number;
+    partition: boolean;
+    sizeBytes: number;
+    logicalBlockSize: number;
+    physicalBlockSize: number;
+  } | null;
+  extents: MapExtent[];
+  summary: {
+    directBytes: number;
+    unwrittenBytes: number;
+    holeBytes: number;
+    viaFileBytes: number;
+    fastPathBytes: number;
+    fastPathShare: number;
+  };
+}
+
+/** Opens `path` for mapping, turning every kind of bad input into a one-line `UserError`. */
+function openRegularFile(path: string): number {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new UserError(`No such file: ${path}`);
+    if (e instanceof Deno.errors.PermissionDenied) {
+      throw new UserError(`Permission denied: ${path}`, ExitCode.permission);
+    }
+    throw new UserError(`Cannot stat ${path}: ${e instanceof Error ? e.message : e}`);
+  }
+  const what = info.isDirectory
+    ? "a directory"
+    : info.isBlockDevice
+    ? "a block device"
+    : info.isCharDevice
+    ? "a character device"
+    : info.isFifo
+    ? "a FIFO"
+    : info.isSocket
+    ? "a socket"
+    : info.isFile
+    ? undefined
+    : "not a regular file";
+  if (what !== undefined) throw new UserError(`${path} is ${what}, not a regular file`);
+  // O_NONBLOCK: if a lease holder does not answer, fail now instead of waiting out its break.
+  let fd: number;
+  try {
+    fd = open(path, O_RDONLY | O_NONBLOCK);
+  } catch (e) {
+    if (e instanceof SyscallError && e.code === "EAGAIN") {
+      throw new UserError(`${path} is leased by another process; try again`, ExitCode.busy);
+    }
+    throw e;
+  }
+  // The path may have changed between stat and open: the fd is the truth.
+  if ((fstat(fd, path).mode & S_IFMT) !== S_IFREG) {
+    close(fd);
+    throw new UserError(`${path} is not a regular file`);
+  }
+  return fd;
+}
+
+/** Builds the report for `path` (exported for tests and for `stat`). */
+export function mapFile(path: string): MapReport {
+  const fd = openRegularFile(path);
+  try {
+    const sizeBytes = fstat(fd, path).size;
+    const fs = filesystemOf(fd, path);
+    const eligibility: Eligibility = filesystemEligibility(fd, path);
+    let extents: FiemapExtent[];
+    try {
+      extents = fiemap(fd, 0, Infinity, { sync: true, path });
+    } catch (e) {
+      if (e instanceof SyscallError && (e.code === "EOPNOTSUPP" || e.code === "ENOTTY")) {
+        throw new UserError(`${fs.name} has no extent map: ${e.message}`);
+      }
+      throw e;
+    }
+    return buildReport(path, sizeBytes, fs.blockSize, eligibility, extents);
+  } finally {
+    close(fd);
+  }
+}
+
+function buildReport(
+  path: string,
+  sizeBytes: number,
+  blockSize: number,
+  eligibility: Eligibility,
+  fiemapExtents: FiemapExtent[],
+): MapReport {
+  const dev = eligibility.device;
+  const alignment = dev?.logicalBlockSize ?? 512;
+  const summary = {
+    directBytes: 0,
+    unwrittenBytes: 0,
+    holeBytes: 0,
+    viaFileBytes: 0,
+    fastPathBytes: 0,
+    fastPathShare: 0,
+  };
+  let mappedBytes = 0;
+  const extents = fiemapExtents.map((e, index): MapExtent => {
+    const c = classifyExtent(e.flags, alignment, e, eligibility.eligible);
+    // Only the part inside the file counts (xfs may report preallocation past the end).
+    const inFile = Math.max(0, Math.min(e.logical + e.length, sizeBytes) - e.logical);
+    mappedBytes += inFile;
+    let read: MapExtent["read"] = "file";
+    let write: MapExtent["write"] = "file";
+    if (c.kind === ExtentKind.direct) {
+      read = write = "direct";
+      summary.directBytes += inFile;
+    } else if (c.kind === ExtentKind.unwritten) {
+      read = "zeros";
+      summary.unwrittenBytes += inFile;
+    } else {
+      summary.viaFileBytes += inFile;
+    }
+    const reasonText = c.reason === 0
+      ? ""
+      : eligibility.eligible
+      ? EXTENT_REASON_TEXT[c.reason]
+      : `${EXTENT_REASON_TEXT[c.reason]}: ${eligibility.reason ?? eligibility.filesystem}`;
+    return {
+      index,
+      logicalBytes: e.logical,
+      physicalBytes: e.physical,
+      lengthBytes: e.length,
+      logicalBlock: Math.floor(e.logical / blockSize),
+      physicalBlock: Math.floor(e.physical / blockSize),
+      lengthBlocks: Math.floor(e.length / blockSize),
+      flags: e.flags,
+      flagNames: extentFlagNames(e.flags),
+      kind: EXTENT_KIND_NAMES[c.kind] as MapExtent["kind"],
+      read,
+      write,
+      reason: EXTENT_REASON_NAMES[c.reason],
+      reasonText,
+    };
+  });
+  summary.holeBytes = Math.max(0, sizeBytes - mappedBytes);
+  summary.fastPathBytes = summary.directBytes;
+  summary.fastPathShare = sizeBytes > 0 ? summary.directBytes / sizeBytes : 0;
+  return {
+    file: path,
+    sizeBytes,
+    blockSize,
+    filesystem: eligibility.filesystem,
+    eligible: eligibility.eligible,
+    ineligibleReason: eligibility.eligible ? null : eligibility.reason ?? null,
+    device: dev
+      ? {
+        path: dev.devicePath,
+        major: dev.major,
+        minor: dev.minor,
+        partition: dev.partition,
+        sizeBytes: dev.sizeBytes,
+        logicalBlockSize: dev.logicalBlockSize,
+        physicalBlockSize: dev.physicalBlockSize,
+      }
+      : null,
+    extents,
+    summary,
+  };
+}
+
+function bytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${n} B` : `${v.toFixed(1)} ${units[i]}`;
+}
+
+/** The table, laid out like `filefrag -v` with fastloop's columns on the right. */
+export function formatReport(r: MapReport): string {
+  const lines: string[] = [];
+  const d = r.device;
+  lines.push(
+    `File: ${r.file}: ${r.sizeBytes} bytes (${bytes(r.sizeBytes)}), ` +
+      `${Math.ceil(r.sizeBytes / r.blockSize)} blocks of ${r.blockSize} bytes`,
+  );
+  lines.push(
+    `Filesystem: ${r.filesystem}` +
+      (d
+        ? ` on ${d.path} (${d.major}:${d.minor}${d.partition ? ", partition" : ""}, ` +
+          `${bytes(d.sizeBytes)}, logical block ${d.logicalBlockSize}, physical block ` +
+          `${d.physicalBlockSize})`
+        : " (no usable block device)"),
+  );
+  lines.push(
+    `Direct path: ${r.eligible ? "eligible" : `not eligible: ${r.ineligibleReason ?? "unknown"}`}`,
+  );
+  lines.push(
+    ` ext:     logical_offset:        physical_offset: length:        bytes: flags:` +
+      `                 read:  write:  why not`,
+  );
+  for (const e of r.extents) {
+    const lastLogical = e.logicalBlock + Math.max(e.lengthBlocks, 1) - 1;
+    const lastPhysical = e.physicalBlock + Math.max(e.lengthBlocks, 1) - 1;
+    lines.push(
+      `${String(e.index).padStart(4)}: ${String(e.logicalBlock).padStart(10)}..` +
+        `${String(lastLogical).padStart(10)}: ${String(e.physicalBlock).padStart(10)}..` +
+        `${String(lastPhysical).padStart(10)}: ${String(e.lengthBlocks).padStart(6)}: ` +
+        `${String(e.lengthBytes).padStart(12)}: ${e.flagNames.join(",").padEnd(21)} ` +
+        `${e.read.padEnd(6)} ${e.write.padEnd(7)} ${e.reasonText}`,
+    );
+  }
+  const s = r.summary;
+  const pct = (n: number) => r.sizeBytes > 0 ? `${((100 * n) / r.sizeBytes).toFixed(1)}%` : "0%";
+  lines.push(`${r.extents.length} extent${r.extents.length === 1 ? "" : "s"}.`);
+  lines.push(
+    `Fast path: ${pct(s.fastPathBytes)} of the file (${s.fastPathBytes} bytes read and written ` +
+      `directly)`,
+  );
+  lines.push(
+    `Zeros: ${s.holeBytes} bytes of holes and ${s.unwrittenBytes} unwritten (read as zeros, ` +
+      `written through the file); through the file: ${s.viaFileBytes} bytes`,
+  );
+  return lines.join("\n");
+}
+
+export const command: Command = {
+  summary: "Show a file's extents and which of them fastloop can serve directly",
+  help: HELP,
+  run(args: string[]): Promise<number> {
+    const { values, positionals } = parseCommandArgs("map", args, {
+      json: { type: "boolean" },
+    });
+    if (positionals.length !== 1) {
+      throw new UsageError(
+        `map: expected exactly one FILE, got ${positionals.length} (see 'fastloop map --help')`,
+      );
+    }
+    const report = mapFile(positionals[0]!);
+    console.log(values.json ? JSON.stringify(report, null, 2) : formatReport(report));
+    return Promise.resolve(ExitCode.ok);
+  },
+};
