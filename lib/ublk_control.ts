@@ -149,10 +149,14 @@ export class UblkControl {
   getFeatures(): bigint {
     const buf = new Uint8Array(UBLK_FEATURES_LEN);
     const id = this.#submit(UBLK_U_CMD_GET_FEATURES, { devId: NO_DEV_ID, buffer: buf }, buf);
-    const res = this.#waitSync(id.userData);
-    id.native.free();
-    if (res < 0) throw new SyscallError("UBLK_U_CMD_GET_FEATURES", -res, UBLK_CONTROL_PATH);
-    return new DataView(id.copyOut.buffer).getBigUint64(0, true);
+    try {
+      const res = this.#waitSync(id.userData);
+      if (res < 0) throw new SyscallError("UBLK_U_CMD_GET_FEATURES", -res, UBLK_CONTROL_PATH);
+      // Read before the native buffer is unmapped (its views die with it).
+      return new DataView(id.copyOut.buffer, id.copyOut.byteOffset, 8).getBigUint64(0, true);
+    } finally {
+      id.native.free();
+    }
   }
 
   /** ADD_DEV: creates /dev/ublkcN; returns what the kernel granted (id, queues, flags). */
