@@ -151,6 +151,8 @@ class Server {
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #retryDelayMs = LEASE_RETRY_FIRST_MS;
   #stopping: Promise<void> | null = null;
+  #starting = true;
+  #stopDuringStart: string | null = null;
   #resolveDone!: (code: number) => void;
   readonly done = new Promise<number>((r) => (this.#resolveDone = r));
   readonly #startedAt = new Date().toISOString();
@@ -171,6 +173,9 @@ class Server {
     );
     try {
       await this.#startSteps();
+      if (this.#stopDuringStart !== null) {
+        throw new UserError(`Start-up interrupted by ${this.#stopDuringStart}`, ExitCode.failure);
+      }
     } catch (e) {
       const error = e instanceof UserError || e instanceof SyscallError
         ? e.message
@@ -183,6 +188,7 @@ class Server {
       this.#resolveDone(exitCode);
       return;
     }
+    this.#starting = false;
     const record = this.#record!;
     writeReadiness({
       ok: true,
@@ -309,6 +315,8 @@ class Server {
 
     // 6. The device.
     const { createDevice } = await import("./device.ts");
+    // A lease break during start-up (handled already) leaves the device starting in file mode.
+    const startMode = this.#baseMode === "fast" && this.#lease === want ? "fast" : "file";
     const device = await createDevice({
       filePath: o.filePath,
       fileFd: fd,
@@ -320,11 +328,16 @@ class Server {
       queues: o.queues,
       depth: o.depth,
       maxIoBytes: o.maxIoBytes,
-      mode: this.#baseMode === "fast" ? "fast" : "file",
+      mode: startMode,
       recoverable: o.recoverable,
     });
     this.#device = device;
-    this.#mode = this.#baseMode;
+    this.#mode = startMode;
+    if (startMode === "fast" && this.#lease !== want) {
+      // The lease broke while the device was being created: no direct IO without it.
+      await device.setMode("file");
+      this.#mode = "file";
+    }
     this.#pushUndo(`stop and delete ${device.blockPath}`, async () => {
       await device.stop();
       await device.delete();
@@ -398,6 +411,12 @@ class Server {
 
   /** Graceful detach: stop → drain → flush → delete → release the lease → remove the record. */
   stop(why: string): Promise<void> {
+    if (this.#starting) {
+      // Start-up is not interruptible half-way (a step may be inside the kernel); it checks
+      // this flag when done and unwinds itself instead of reporting ready.
+      this.#stopDuringStart ??= why;
+      return this.done.then(() => {});
+    }
     if (this.#stopping) return this.#stopping;
     this.#stopping = (async () => {
       clearTimeout(this.#retryTimer);

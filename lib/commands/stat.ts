@@ -82,22 +82,22 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
   }
 }
 
-/** A counter by any of its names (the device's counter set grows; old names stay readable). */
-function counter(row: Row, ...names: string[]): number | undefined {
-  const c = row["counters"];
-  if (typeof c !== "object" || c === null) return undefined;
-  for (const n of names) {
-    const v = (c as Record<string, unknown>)[n];
-    if (typeof v === "number") return v;
+/** A counter by its path in `DeviceCounters` (`reads`, `bytesRead.direct`). */
+function counter(row: Row, path: string): number | undefined {
+  let v: unknown = row["counters"];
+  for (const key of path.split(".")) {
+    if (typeof v !== "object" || v === null) return undefined;
+    v = (v as Record<string, unknown>)[key];
   }
-  return undefined;
+  return typeof v === "number" ? v : undefined;
 }
 
 /** fast / file / mixed, as the user thinks of it: by where bytes actually went. */
 export function displayMode(row: Row): string {
   const mode = typeof row["mode"] === "string" ? row["mode"] : "-";
-  const direct = (counter(row, "bytesReadDirect") ?? 0) + (counter(row, "bytesWrittenDirect") ?? 0);
-  const file = (counter(row, "bytesReadFile") ?? 0) + (counter(row, "bytesWrittenFile") ?? 0);
+  const direct = (counter(row, "bytesRead.direct") ?? 0) +
+    (counter(row, "bytesWritten.direct") ?? 0);
+  const file = (counter(row, "bytesRead.file") ?? 0) + (counter(row, "bytesWritten.file") ?? 0);
   if (mode === "fast" && direct > 0 && file > 0) return "mixed";
   return mode;
 }
@@ -142,9 +142,9 @@ function table(rows: Row[]): string {
   ];
   const lines = rows.map((row) => {
     const server = row["server"] as { pid?: number; state?: string } | undefined;
-    const directBytes = sum(counter(row, "bytesReadDirect"), counter(row, "bytesWrittenDirect"));
-    const fileBytes = sum(counter(row, "bytesReadFile"), counter(row, "bytesWrittenFile"));
-    const zeroBytes = counter(row, "bytesReadZero", "bytesZero");
+    const directBytes = sum(counter(row, "bytesRead.direct"), counter(row, "bytesWritten.direct"));
+    const fileBytes = sum(counter(row, "bytesRead.file"), counter(row, "bytesWritten.file"));
+    const zeroBytes = counter(row, "bytesRead.zero");
     const extents = counter(row, "extentsCached");
     const cacheMem = counter(row, "extentCacheBytes");
     return [
