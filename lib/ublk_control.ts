@@ -17,7 +17,7 @@
 //! built without legacy opcodes refuse the latter; kernels before `UBLK_F_CMD_IOCTL_ENCODE` refuse
 //! the former).
 
-import { IoUring } from "../ffi/io_uring.ts";
+import { IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_ANY, IoUring } from "../ffi/io_uring.ts";
 import { AlignedBuffer, close, geteuid, libc, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBADF, EBUSY, ENOENT, EOPNOTSUPP, EPERM, SyscallError } from "../ffi/errno.ts";
 import { ExitCode, UserError } from "./errors.ts";
@@ -61,6 +61,8 @@ const NO_DEV_ID = 0xffffffff;
 const NO_QUEUE_ID = 0xffff;
 const RING_ENTRIES = 16;
 const CMD_BUFFER_BYTES = 4096;
+/** user_data of cancel requests: nobody waits for their CQE. */
+const CANCEL_USER_DATA = 0;
 
 const COMMAND_NAMES: Record<number, string> = {
   [iocNr(UBLK_U_CMD_GET_DEV_INFO)]: "UBLK_CMD_GET_DEV_INFO",
@@ -223,6 +225,23 @@ export class UblkControl {
     await this.#command(UBLK_U_CMD_END_USER_RECOVERY, { devId, data0: pid });
   }
 
+  /**
+   * Cancels every command still running (IORING_OP_ASYNC_CANCEL, ANY|ALL): a START_DEV or
+   * END_USER_RECOVERY waiting for queues that will never fetch returns -EINTR, so the device
+   * can be deleted. Their promises reject with that error.
+   */
+  cancelPending(): void {
+    const sqe = this.#ring.getSqe();
+    if (sqe < 0) return;
+    this.#ring.prepCancel(
+      sqe,
+      0,
+      CANCEL_USER_DATA,
+      IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
+    );
+    this.#ring.submit();
+  }
+
   /** Closes the ring and the device; do not call while a command is still awaited. */
   close(): void {
     if (this.#closed) return;
@@ -286,7 +305,7 @@ export class UblkControl {
   /** Moves every available CQE into `#done`. */
   #reap(): void {
     this.#ring.reapCqes((userData, res) => {
-      this.#done.set(userData, res);
+      if (userData !== CANCEL_USER_DATA) this.#done.set(userData, res);
     });
   }
 

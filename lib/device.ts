@@ -1,0 +1,549 @@
+//! One ublk device serving one file: creation (ADD_DEV, SET_PARAMS, one Worker per queue that
+//! fetches every tag, then START_DEV — or, for a device left by a dead server, START/END
+//! USER_RECOVERY), mode switches and cache invalidation pushed to the queues, counters read from
+//! shared memory, and teardown (STOP_DEV, drain, flush, DEL_DEV).
+//!
+//! Start-up is all or nothing: if any step fails, the Workers are told to quit, a START_DEV still
+//! waiting for them is cancelled, /dev/ublkcN is closed and the device deleted, so no half-made
+//! device remains.
+
+import { close, eventfd, fdatasync, libc } from "../ffi/libc.ts";
+import { EBUSY, ENOENT, SyscallError } from "../ffi/errno.ts";
+import { O_RDWR, open } from "../ffi/libc.ts";
+import {
+  type DevInfo,
+  hasFeature,
+  SECTOR_SHIFT,
+  UBLK_ATTR_FUA,
+  UBLK_ATTR_READ_ONLY,
+  UBLK_ATTR_VOLATILE_CACHE,
+  UBLK_F_CMD_IOCTL_ENCODE,
+  UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_IO_BUF_MAX_BYTES,
+  UBLK_MAX_QUEUE_DEPTH,
+  UBLK_S_DEV_DEAD,
+  UBLK_STATE_NAMES,
+} from "../ffi/ublk_cmd.ts";
+import { UblkControl } from "./ublk_control.ts";
+import {
+  ARG_LENGTH,
+  ARG_OFFSET,
+  Counter,
+  createSharedState,
+  CTRL_MB_ACK,
+  CTRL_MB_MODE,
+  CTRL_MB_OP,
+  CTRL_MB_SEQ,
+  CTRL_STATE,
+  MbOp,
+  type ModeName,
+  modeOf,
+  type QueueConfig,
+  QueueState,
+  SharedViews,
+} from "./event_loop.ts";
+import type { WorkerMessage } from "./queue_worker.ts";
+import { UserError } from "./errors.ts";
+
+export interface DeviceOptions {
+  filePath: string;
+  /** The one fd of the file (O_RDWR|O_DIRECT, or O_RDONLY|O_DIRECT), the lease's fd. */
+  fileFd: number;
+  fileSizeBytes: number;
+  /** The filesystem's block device, O_RDWR|O_DIRECT, or -1 when not eligible. */
+  backingFd: number;
+  logicalBlockSize: number;
+  physicalBlockSize: number;
+  readOnly: boolean;
+  queues: number;
+  depth: number;
+  maxIoBytes: number;
+  mode: "fast" | "file";
+  recoverable: boolean;
+  /** Take over this existing device (its server died) instead of adding a new one. */
+  recoverDeviceId?: number;
+  /** Extents cached per queue (default 1 Mi). */
+  maxExtents?: number;
+}
+
+export interface DeviceCounters {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  writeZeroes: number;
+  bytesRead: { direct: number; file: number; zero: number };
+  bytesWritten: { direct: number; file: number };
+  bytesDiscarded: number;
+  cacheHits: number;
+  cacheMisses: number;
+  fiemapCalls: number;
+  extentsCached: number;
+  extentCacheBytes: number;
+  inflight: number;
+  errors: number;
+  retries: number;
+}
+
+export interface Device {
+  id: number;
+  blockPath: string;
+  charPath: string;
+  /** What the kernel granted: queues (may be fewer than asked), depth, UBLK_F_* flags. */
+  queues: number;
+  depth: number;
+  maxIoBytes: number;
+  flags: bigint;
+  features: bigint;
+  setMode(mode: "fast" | "read-direct" | "file"): Promise<void>;
+  invalidate(offsetBytes: number, lengthBytes: number): Promise<void>;
+  counters(): DeviceCounters;
+  stop(): Promise<void>;
+  delete(): Promise<void>;
+}
+
+const DEFAULT_MAX_EXTENTS = 1 << 20;
+/** Largest discard / write-zeroes request: one fallocate each, no buffer involved. */
+const MAX_DISCARD_BYTES = 1 << 30;
+/** How long a stopped queue may take to see its last ABORT before it is told to quit. */
+const QUEUE_EXIT_TIMEOUT_MS = 10_000;
+
+function log2(n: number): number {
+  return Math.round(Math.log2(n));
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Opens /dev/ublkcN, waiting briefly for devtmpfs (new device) or the old server (recovery). */
+async function openChar(path: string): Promise<number> {
+  for (let attempt = 0;; attempt++) {
+    try {
+      return open(path, O_RDWR);
+    } catch (e) {
+      const retry = e instanceof SyscallError && (e.errno === ENOENT || e.errno === EBUSY);
+      if (!retry || attempt >= 100) throw e;
+      await sleep(20);
+    }
+  }
+}
+
+async function waitForNode(path: string): Promise<void> {
+  for (let attempt = 0; attempt < 250; attempt++) {
+    try {
+      Deno.statSync(path);
+      return;
+    } catch {
+      await sleep(20);
+    }
+  }
+  throw new UserError(`${path} did not appear after the device started`);
+}
+
+interface Queue {
+  worker: Worker;
+  eventFd: number;
+  views: SharedViews;
+  /** Settles when the Worker has ended (clean exit or error). */
+  exited: Promise<void>;
+  done: boolean;
+}
+
+class UblkDevice implements Device {
+  readonly id: number;
+  readonly blockPath: string;
+  readonly charPath: string;
+  readonly queues: number;
+  readonly depth: number;
+  readonly maxIoBytes: number;
+  readonly flags: bigint;
+  readonly features: bigint;
+  readonly #ctl: UblkControl;
+  readonly #opts: DeviceOptions;
+  readonly #q: Queue[];
+  #charFd: number;
+  #mailbox: Promise<void> = Promise.resolve();
+  #stopped = false;
+  #deleted = false;
+
+  constructor(
+    ctl: UblkControl,
+    opts: DeviceOptions,
+    info: DevInfo,
+    features: bigint,
+    charFd: number,
+    queues: Queue[],
+  ) {
+    this.#ctl = ctl;
+    this.#opts = opts;
+    this.id = info.devId;
+    this.blockPath = `/dev/ublkb${info.devId}`;
+    this.charPath = `/dev/ublkc${info.devId}`;
+    this.queues = info.nrHwQueues;
+    this.depth = info.queueDepth;
+    this.maxIoBytes = info.maxIoBufBytes;
+    this.flags = info.flags;
+    this.features = features;
+    this.#charFd = charFd;
+    this.#q = queues;
+  }
+
+  /**
+   * Posts one mailbox command to every live queue and waits for each to acknowledge. Commands
+   * are serialized: the mailbox has one slot per queue.
+   */
+  #post(op: number, fill: (v: SharedViews) => void): Promise<void> {
+    const run = async () => {
+      const acks: Promise<unknown>[] = [];
+      for (const q of this.#q) {
+        if (q.done) continue;
+        const ctrl = q.views.ctrl;
+        fill(q.views);
+        Atomics.store(ctrl, CTRL_MB_OP, op);
+        const seq = Atomics.add(ctrl, CTRL_MB_SEQ, 1) + 1;
+        ringDoorbell(q.eventFd);
+        acks.push(waitAck(q, seq));
+      }
+      await Promise.all(acks);
+    };
+    const next = this.#mailbox.then(run, run);
+    this.#mailbox = next.catch(() => {});
+    return next;
+  }
+
+  setMode(mode: "fast" | "read-direct" | "file"): Promise<void> {
+    const m = modeOf(mode as ModeName);
+    return this.#post(MbOp.setMode, (v) => Atomics.store(v.ctrl, CTRL_MB_MODE, m));
+  }
+
+  invalidate(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#post(MbOp.invalidate, (v) => {
+      v.args[ARG_OFFSET] = offsetBytes;
+      v.args[ARG_LENGTH] = lengthBytes;
+    });
+  }
+
+  counters(): DeviceCounters {
+    const sum = (k: number) => this.#q.reduce((s, q) => s + q.views.counters[k]!, 0);
+    return {
+      reads: sum(Counter.reads),
+      writes: sum(Counter.writes),
+      flushes: sum(Counter.flushes),
+      discards: sum(Counter.discards),
+      writeZeroes: sum(Counter.writeZeroes),
+      bytesRead: {
+        direct: sum(Counter.bytesReadDirect),
+        file: sum(Counter.bytesReadFile),
+        zero: sum(Counter.bytesReadZero),
+      },
+      bytesWritten: {
+        direct: sum(Counter.bytesWrittenDirect),
+        file: sum(Counter.bytesWrittenFile),
+      },
+      bytesDiscarded: sum(Counter.bytesDiscarded),
+      cacheHits: sum(Counter.cacheHits),
+      cacheMisses: sum(Counter.cacheMisses),
+      fiemapCalls: sum(Counter.fiemapCalls),
+      extentsCached: sum(Counter.extentsCached),
+      extentCacheBytes: sum(Counter.extentCacheBytes),
+      inflight: sum(Counter.inflight),
+      errors: sum(Counter.errors),
+      retries: sum(Counter.retries),
+    };
+  }
+
+  /** STOP_DEV (the kernel drains the block device through the queues), join, flush. */
+  async stop(): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    try {
+      await this.#ctl.stopDevice(this.id);
+    } finally {
+      await joinQueues(this.#q, QUEUE_EXIT_TIMEOUT_MS);
+      // Everything acknowledged is on the devices' media, not only in their caches.
+      try {
+        if (this.#opts.backingFd >= 0) fdatasync(this.#opts.backingFd, "backing device");
+        fdatasync(this.#opts.fileFd, this.#opts.filePath);
+      } finally {
+        closeQueues(this.#q);
+        if (this.#charFd >= 0) close(this.#charFd);
+        this.#charFd = -1;
+      }
+    }
+  }
+
+  /** DEL_DEV (after stop; stops first if needed), then closes the control device. */
+  async delete(): Promise<void> {
+    if (this.#deleted) return;
+    if (!this.#stopped) await this.stop();
+    this.#deleted = true;
+    try {
+      await this.#ctl.deleteDevice(this.id);
+    } finally {
+      this.#ctl.close();
+    }
+  }
+}
+
+function ringDoorbell(eventFd: number): void {
+  const one = new Uint8Array(8);
+  one[0] = 1;
+  // An eventfd write of 8 bytes cannot be short; EAGAIN only at a counter of 2^64-2.
+  libc.write(eventFd, one, 8n);
+}
+
+async function waitAck(q: Queue, seq: number): Promise<void> {
+  const ctrl = q.views.ctrl;
+  for (;;) {
+    const ack = Atomics.load(ctrl, CTRL_MB_ACK);
+    if (ack - seq >= 0) return;
+    const state = Atomics.load(ctrl, CTRL_STATE);
+    if (q.done || state === QueueState.exited || state === QueueState.failed) return;
+    const w = Atomics.waitAsync(ctrl, CTRL_MB_ACK, ack, 1000);
+    if (w.async) await w.value;
+  }
+}
+
+async function joinQueues(queues: Queue[], timeoutMs: number): Promise<void> {
+  const all = Promise.all(queues.map((q) => q.exited));
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<"late">((resolve) => {
+    timer = setTimeout(() => resolve("late"), timeoutMs);
+  });
+  const r = await Promise.race([all.then(() => "ok" as const), late]);
+  clearTimeout(timer);
+  if (r === "late") {
+    for (const q of queues) {
+      if (q.done) continue;
+      Atomics.store(q.views.ctrl, CTRL_MB_OP, MbOp.quit);
+      Atomics.add(q.views.ctrl, CTRL_MB_SEQ, 1);
+      ringDoorbell(q.eventFd);
+    }
+    const r2 = await Promise.race([all.then(() => "ok" as const), sleep(timeoutMs)]);
+    if (r2 !== "ok") { for (const q of queues) if (!q.done) q.worker.terminate(); }
+  }
+}
+
+function closeQueues(queues: Queue[]): void {
+  for (const q of queues) {
+    if (!q.done) q.worker.terminate();
+    if (q.eventFd >= 0) close(q.eventFd);
+    q.eventFd = -1;
+  }
+}
+
+/** Starts one Worker per queue; resolves when all are fetching, rejects when one fails. */
+function startQueues(
+  base: Omit<QueueConfig, "queueId" | "eventFd">,
+  onFailure: (message: string) => void,
+): { queues: Queue[]; fetching: Promise<void> } {
+  const queues: Queue[] = [];
+  const fetchingAll: Promise<void>[] = [];
+  for (let queueId = 0; queueId < base.queues; queueId++) {
+    const efd = eventfd(0);
+    const worker = new Worker(new URL("./queue_worker.ts", import.meta.url), { type: "module" });
+    let resolveFetching!: () => void;
+    let rejectFetching!: (e: Error) => void;
+    fetchingAll.push(
+      new Promise<void>((res, rej) => {
+        resolveFetching = res;
+        rejectFetching = rej;
+      }),
+    );
+    let resolveExit!: () => void;
+    const exited = new Promise<void>((res) => (resolveExit = res));
+    const q: Queue = {
+      worker,
+      eventFd: efd,
+      views: new SharedViews(base.sab, base.queues, queueId),
+      exited,
+      done: false,
+    };
+    const end = () => {
+      q.done = true;
+      resolveExit();
+    };
+    worker.onmessage = (e: MessageEvent<WorkerMessage>) => {
+      const m = e.data;
+      if (m.type === "fetching") resolveFetching();
+      else if (m.type === "exit") end();
+      else {
+        const err = new Error(`queue ${queueId}: ${m.message}`);
+        rejectFetching(err);
+        onFailure(err.message);
+        end();
+      }
+    };
+    worker.onerror = (e: ErrorEvent) => {
+      e.preventDefault();
+      const err = new Error(`queue ${queueId}: ${e.message}`);
+      rejectFetching(err);
+      onFailure(err.message);
+      end();
+    };
+    const cfg: QueueConfig = { ...base, queueId, eventFd: efd };
+    worker.postMessage(cfg);
+    queues.push(q);
+  }
+  return { queues, fetching: Promise.all(fetchingAll).then(() => {}) };
+}
+
+/**
+ * Creates (or, with `recoverDeviceId`, takes over) a ublk device serving `opts.filePath` and
+ * resolves once /dev/ublkbN is live.
+ */
+export async function createDevice(opts: DeviceOptions): Promise<Device> {
+  validateOptions(opts);
+  const ctl = UblkControl.open();
+  let features = 0n;
+  let info: DevInfo | undefined;
+  let added = false;
+  let charFd = -1;
+  let queues: Queue[] = [];
+  let startCmd: Promise<void> | undefined;
+  try {
+    features = ctl.getFeatures();
+    const recovering = opts.recoverDeviceId !== undefined;
+    if (recovering) {
+      info = await ctl.getDeviceInfo(opts.recoverDeviceId!);
+      if (info.state === UBLK_S_DEV_DEAD) {
+        throw new UserError(
+          `ublk device ${info.devId} cannot be recovered: it is ${UBLK_STATE_NAMES[info.state]}`,
+        );
+      }
+      await ctl.startUserRecovery(info.devId);
+    } else {
+      let flags = 0n;
+      if (hasFeature(features, UBLK_F_CMD_IOCTL_ENCODE)) flags |= BigInt(UBLK_F_CMD_IOCTL_ENCODE);
+      if (opts.recoverable && hasFeature(features, UBLK_F_USER_RECOVERY)) {
+        flags |= BigInt(UBLK_F_USER_RECOVERY);
+        if (hasFeature(features, UBLK_F_USER_RECOVERY_REISSUE)) {
+          flags |= BigInt(UBLK_F_USER_RECOVERY_REISSUE);
+        }
+      }
+      info = await ctl.addDevice({
+        queues: opts.queues,
+        depth: opts.depth,
+        maxIoBytes: opts.maxIoBytes,
+        flags,
+      });
+      added = true;
+      await ctl.setParams(
+        info.devId,
+        {
+          attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA |
+            (opts.readOnly ? UBLK_ATTR_READ_ONLY : 0),
+          logicalBsShift: log2(opts.logicalBlockSize),
+          physicalBsShift: log2(Math.max(opts.physicalBlockSize, opts.logicalBlockSize)),
+          ioOptShift: log2(Math.max(opts.physicalBlockSize, opts.logicalBlockSize)),
+          ioMinShift: log2(Math.max(opts.physicalBlockSize, opts.logicalBlockSize)),
+          maxSectors: info.maxIoBufBytes >> SECTOR_SHIFT,
+          chunkSectors: 0,
+          devSectors: Math.floor(opts.fileSizeBytes / 512),
+        },
+        opts.readOnly ? undefined : {
+          alignment: 0,
+          // A punch frees whole filesystem blocks; 4 KiB is the block of ext4 and xfs here.
+          granularity: Math.max(4096, opts.logicalBlockSize),
+          maxDiscardSectors: MAX_DISCARD_BYTES >> SECTOR_SHIFT,
+          maxWriteZeroesSectors: MAX_DISCARD_BYTES >> SECTOR_SHIFT,
+          maxSegments: 1,
+        },
+      );
+    }
+    charFd = await openChar(`/dev/ublkc${info.devId}`);
+    const sab = createSharedState(info.nrHwQueues);
+    let failure: ((m: string) => void) | undefined;
+    const failed = new Promise<never>((_, reject) => {
+      failure = (m) => reject(new Error(m));
+    });
+    failed.catch(() => {});
+    const started = startQueues({
+      devId: info.devId,
+      queues: info.nrHwQueues,
+      depth: info.queueDepth,
+      maxIoBytes: info.maxIoBufBytes,
+      charFd,
+      fileFd: opts.fileFd,
+      filePath: opts.filePath,
+      backingFd: opts.backingFd,
+      fileSizeBytes: opts.fileSizeBytes,
+      logicalBlockSize: opts.logicalBlockSize,
+      readOnly: opts.readOnly,
+      mode: modeOf(opts.mode),
+      maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
+      sab,
+    }, (m) => failure!(m));
+    queues = started.queues;
+    await Promise.race([started.fetching, failed]);
+    // START_DEV (END_USER_RECOVERY) returns once every tag is fetched; a queue failing while
+    // it waits must not leave us waiting forever.
+    startCmd = recovering
+      ? ctl.endUserRecovery(info.devId, Deno.pid)
+      : ctl.startDevice(info.devId, Deno.pid);
+    await Promise.race([startCmd, failed]);
+    startCmd = undefined;
+    const device = new UblkDevice(ctl, opts, info, features, charFd, queues);
+    await waitForNode(device.blockPath);
+    return device;
+  } catch (e) {
+    await teardown(ctl, info, added, charFd, queues, startCmd);
+    throw e;
+  }
+}
+
+/** Undoes a partial start: quit the queues, cancel a waiting START_DEV, close, delete. */
+async function teardown(
+  ctl: UblkControl,
+  info: DevInfo | undefined,
+  added: boolean,
+  charFd: number,
+  queues: Queue[],
+  startCmd: Promise<void> | undefined,
+): Promise<void> {
+  try {
+    if (startCmd) {
+      ctl.cancelPending();
+      await startCmd.catch(() => {});
+    }
+    for (const q of queues) {
+      if (q.done) continue;
+      Atomics.store(q.views.ctrl, CTRL_MB_OP, MbOp.quit);
+      Atomics.add(q.views.ctrl, CTRL_MB_SEQ, 1);
+      ringDoorbell(q.eventFd);
+    }
+    await joinQueues(queues, 2000);
+    closeQueues(queues);
+    if (charFd >= 0) close(charFd);
+    if (added && info) {
+      await ctl.stopDevice(info.devId).catch(() => {});
+      await ctl.deleteDevice(info.devId).catch(() => {});
+    }
+  } finally {
+    ctl.close();
+  }
+}
+
+function validateOptions(opts: DeviceOptions): void {
+  const bad = (what: string) => {
+    throw new UserError(`Invalid device option: ${what}`);
+  };
+  if (!(opts.queues >= 1 && opts.queues <= 64)) bad(`queues ${opts.queues} (1..64)`);
+  if (!(opts.depth >= 1 && opts.depth <= UBLK_MAX_QUEUE_DEPTH)) {
+    bad(`depth ${opts.depth} (1..${UBLK_MAX_QUEUE_DEPTH})`);
+  }
+  if (
+    !(opts.maxIoBytes >= 4096 && opts.maxIoBytes <= UBLK_IO_BUF_MAX_BYTES &&
+      opts.maxIoBytes % 4096 === 0)
+  ) {
+    bad(`maxIoBytes ${opts.maxIoBytes} (a multiple of 4096 up to ${UBLK_IO_BUF_MAX_BYTES})`);
+  }
+  for (const bs of [opts.logicalBlockSize, opts.physicalBlockSize]) {
+    if (!(bs >= 512 && bs <= 4096 && (bs & (bs - 1)) === 0)) bad(`block size ${bs}`);
+  }
+  if (opts.fileSizeBytes <= 0 || opts.fileSizeBytes % opts.logicalBlockSize !== 0) {
+    bad(`file size ${opts.fileSizeBytes} (a multiple of ${opts.logicalBlockSize})`);
+  }
+}
