@@ -29,8 +29,8 @@ export const BLKPBSZGET = 0x127bn;
 /** `_IOR('X', 31, struct fsxattr)`; sizeof(struct fsxattr) = 28. */
 export const FS_IOC_FSGETXATTR = 0x801c581fn;
 // struct fsxattr (28 bytes)
-const FSX_XFLAGS = 0; // __u32 fsx_xflags
-const FSXATTR_SIZE = 28;
+export const FSX_XFLAGS = 0; // __u32 fsx_xflags
+export const FSXATTR_SIZE = 28;
 /** fsx_xflags: the file's data lives on the XFS realtime device, not the data device. */
 export const FS_XFLAG_REALTIME = 0x1;
 

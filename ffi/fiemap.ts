@@ -9,19 +9,19 @@ import { ioctl } from "./libc.ts";
 export const FS_IOC_FIEMAP = 0xc020660bn;
 
 // struct fiemap (32 bytes, followed by fm_extent_count struct fiemap_extent).
-const FM_START = 0; // __u64 fm_start: logical offset (inclusive) to start mapping at (in)
-const FM_LENGTH = 8; // __u64 fm_length: logical length to map (in)
-const FM_FLAGS = 16; // __u32 fm_flags: FIEMAP_FLAG_* (in/out)
-const FM_MAPPED_EXTENTS = 20; // __u32 fm_mapped_extents: extents written (out)
-const FM_EXTENT_COUNT = 24; // __u32 fm_extent_count: room in fm_extents (in)
+export const FM_START = 0; // __u64 fm_start: logical offset (inclusive) to start mapping at (in)
+export const FM_LENGTH = 8; // __u64 fm_length: logical length to map (in)
+export const FM_FLAGS = 16; // __u32 fm_flags: FIEMAP_FLAG_* (in/out)
+export const FM_MAPPED_EXTENTS = 20; // __u32 fm_mapped_extents: extents written (out)
+export const FM_EXTENT_COUNT = 24; // __u32 fm_extent_count: room in fm_extents (in)
 export const FIEMAP_SIZE = 32; // sizeof(struct fiemap); fm_extents[] starts here
 
 // struct fiemap_extent (56 bytes).
-const FE_LOGICAL = 0; // __u64 fe_logical: file offset of the extent's start, bytes
-const FE_PHYSICAL = 8; // __u64 fe_physical: device offset of the extent's start, bytes
-const FE_LENGTH = 16; // __u64 fe_length: bytes
+export const FE_LOGICAL = 0; // __u64 fe_logical: file offset of the extent's start, bytes
+export const FE_PHYSICAL = 8; // __u64 fe_physical: device offset of the extent's start, bytes
+export const FE_LENGTH = 16; // __u64 fe_length: bytes
 // __u64 fe_reserved64[2] at 24
-const FE_FLAGS = 40; // __u32 fe_flags: FIEMAP_EXTENT_*
+export const FE_FLAGS = 40; // __u32 fe_flags: FIEMAP_EXTENT_*
 // __u32 fe_reserved[3] at 44
 export const FIEMAP_EXTENT_SIZE = 56; // sizeof(struct fiemap_extent)
 
@@ -32,7 +32,8 @@ export const FIEMAP_FLAG_SYNC = 0x1; // sync file data before mapping
 export const FIEMAP_FLAG_XATTR = 0x2; // map the extended attribute tree instead
 export const FIEMAP_FLAG_CACHE = 0x4; // request caching of the extents
 
-export const FIEMAP_EXTENT_LAST = 0x1; // last extent in the file
+// LAST: last extent in the file, or (iomap: ext4, xfs) the last one of the requested range.
+export const FIEMAP_EXTENT_LAST = 0x1;
 export const FIEMAP_EXTENT_UNKNOWN = 0x2; // data location unknown
 export const FIEMAP_EXTENT_DELALLOC = 0x4; // location still pending (sets UNKNOWN)
 export const FIEMAP_EXTENT_ENCODED = 0x8; // data cannot be read while the fs is unmounted

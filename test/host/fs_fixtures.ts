@@ -193,3 +193,79 @@ export function patternBytes(length: number, seed: number): Uint8Array {
   }
   return out;
 }
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** Writes `data` at `offset` of `path` with plain file APIs, then fsyncs (no fastloop code). */
+export async function writeAt(path: string, offset: number, data: Uint8Array): Promise<void> {
+  const f = await Deno.open(path, { write: true, create: true });
+  try {
+    await f.seek(offset, Deno.SeekMode.Start);
+    let done = 0;
+    while (done < data.length) done += await f.write(data.subarray(done));
+    await f.sync();
+  } finally {
+    f.close();
+  }
+}
+
+/** A file fastloop must map, and what kind of file it is. */
+export interface Scenario {
+  name: string;
+  path: string;
+}
+
+/**
+ * The files every FIEMAP test maps, made with plain syscalls and coreutils: fully written,
+ * sparse, fallocated (unwritten, partly written), fragmented (two files written interleaved with
+ * fsync between chunks), many extents (more than one FIEMAP page), and on xfs with reflink a
+ * reflinked copy (shared) and a partly rewritten clone.
+ */
+export async function makeScenarios(fs: MountedFs): Promise<Scenario[]> {
+  const d = fs.dir;
+  const out: Scenario[] = [];
+  await writeAt(`${d}/full`, 0, patternBytes(1 * MiB + 3000, 1)); // tail not block-aligned
+  out.push({ name: "full", path: `${d}/full` });
+
+  await run("truncate", ["-s", "8M", `${d}/sparse`]);
+  await writeAt(`${d}/sparse`, 1 * MiB, patternBytes(64 * KiB, 2));
+  await writeAt(`${d}/sparse`, 4 * MiB + 4 * KiB, patternBytes(12 * KiB, 3));
+  await writeAt(`${d}/sparse`, 8 * MiB - 4 * KiB, patternBytes(4 * KiB, 4));
+  out.push({ name: "sparse", path: `${d}/sparse` });
+
+  await run("fallocate", ["-l", "2M", `${d}/fallocated`]);
+  await writeAt(`${d}/fallocated`, 512 * KiB, patternBytes(64 * KiB, 5));
+  out.push({ name: "fallocated", path: `${d}/fallocated` });
+
+  // Interleaved appends with fsync in between make the allocator alternate between the files.
+  for (let i = 0; i < 24; i++) {
+    await writeAt(`${d}/frag-a`, i * 64 * KiB, patternBytes(64 * KiB, 100 + i));
+    await writeAt(`${d}/frag-b`, i * 64 * KiB, patternBytes(64 * KiB, 200 + i));
+  }
+  out.push({ name: "fragmented-a", path: `${d}/frag-a` });
+  out.push({ name: "fragmented-b", path: `${d}/frag-b` });
+
+  // Every other 4 KiB block written: 600 separate extents, more than one FIEMAP page (512).
+  const many = await Deno.open(`${d}/many`, { write: true, create: true });
+  try {
+    for (let i = 0; i < 600; i++) {
+      await many.seek(i * 8 * KiB, Deno.SeekMode.Start);
+      await many.write(patternBytes(4 * KiB, 1000 + i));
+    }
+    await many.sync();
+  } finally {
+    many.close();
+  }
+  out.push({ name: "many", path: `${d}/many` });
+
+  if (fs.kind === "xfs") {
+    await run("cp", ["--reflink=always", `${d}/full`, `${d}/reflinked`]);
+    out.push({ name: "reflinked", path: `${d}/reflinked` });
+    await run("cp", ["--reflink=always", `${d}/frag-a`, `${d}/clone-rewritten`]);
+    await writeAt(`${d}/clone-rewritten`, 128 * KiB, patternBytes(64 * KiB, 7));
+    out.push({ name: "clone-rewritten", path: `${d}/clone-rewritten` });
+  }
+  await run("sync", []);
+  return out;
+}
