@@ -283,7 +283,7 @@ export function formatReport(r: MapReport): string {
         `${String(lastLogical).padStart(10)}: ${String(e.physicalBlock).padStart(10)}..` +
         `${String(lastPhysical).padStart(10)}: ${String(e.lengthBlocks).padStart(6)}: ` +
         `${String(e.lengthBytes).padStart(12)}: ${e.flagNames.join(",").padEnd(21)} ` +
-        `${e.read.padEnd(6)} ${e.write.padEnd(7)} ${e.reasonText}`,
+        `${e.read.padEnd(6)} ${e.write.padEnd(7)} ${e.reasonText}`.trimEnd(),
     );
   }
   const s = r.summary;
