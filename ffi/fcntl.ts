@@ -60,7 +60,7 @@ export class LeaseRefusedError extends SyscallError {
 }
 
 /**
- * Takes, downgrades or releases the lease on `fd`. A read lease needs no writer but us; a write
+ * Takes, downgrades or releases the lease on `fd` (releasing when none is held is a no-op). A read lease needs no writer but us; a write
  * lease needs no other open at all. Throws `LeaseRefusedError` when the kernel says the file is
  * in use (EAGAIN), `SyscallError("F_SETLEASE", …)` otherwise (EACCES: not the owner and no
  * CAP_LEASE; EINVAL: not a regular file or the filesystem refuses leases, e.g. NFS).
@@ -69,10 +69,9 @@ export function setLease(fd: number, type: "read" | "write" | "unlock", path: st
   try {
     fcntl(fd, F_SETLEASE, TO_FCNTL[type], "F_SETLEASE", path);
   } catch (e) {
-    if (e instanceof SyscallError && e.errno === EAGAIN && type !== "unlock") {
-      throw new LeaseRefusedError(type, path);
-    }
-    throw e;
+    if (!(e instanceof SyscallError && e.errno === EAGAIN)) throw e;
+    // F_UNLCK without a lease is EAGAIN (generic_delete_lease found nothing): already released.
+    if (type !== "unlock") throw new LeaseRefusedError(type, path);
   }
   held.set(fd, type === "unlock" ? "none" : type);
 }
