@@ -48,6 +48,8 @@ export interface MountedFs {
   dir: string;
   /** The image file. */
   image: string;
+  /** xfs realtime device, when asked for. */
+  rtDevice?: string;
 }
 
 export interface FsOptions {
@@ -56,6 +58,8 @@ export interface FsOptions {
   mkfsArgs?: string[];
   /** `losetup --sector-size`: the loop device's logical block size. */
   sectorSize?: number;
+  /** xfs only: add a realtime device of this size (a second loop device). */
+  xfsRealtimeMiB?: number;
 }
 
 /**
@@ -71,6 +75,7 @@ export async function withFilesystem<T>(
   const image = `${work}/fs.img`;
   const dir = `${work}/mnt`;
   let device = "";
+  let rtDevice = "";
   let mounted = false;
   try {
     await Deno.mkdir(dir);
@@ -80,17 +85,26 @@ export async function withFilesystem<T>(
     const loArgs = ["--find", "--show"];
     if (opts.sectorSize) loArgs.push("--sector-size", String(opts.sectorSize));
     device = (await run("losetup", [...loArgs, image])).stdout.trim();
+    const mountArgs: string[] = [];
     if (kind === "ext4") {
       await run("mkfs.ext4", ["-q", "-F", "-b", "4096", ...(opts.mkfsArgs ?? []), device]);
     } else {
-      await run("mkfs.xfs", ["-q", "-f", ...(opts.mkfsArgs ?? []), device]);
+      const rtArgs: string[] = [];
+      if (opts.xfsRealtimeMiB) {
+        await run("truncate", ["-s", `${opts.xfsRealtimeMiB}M`, `${work}/rt.img`]);
+        rtDevice = (await run("losetup", ["--find", "--show", `${work}/rt.img`])).stdout.trim();
+        rtArgs.push("-r", `rtdev=${rtDevice}`);
+        mountArgs.push("-o", `rtdev=${rtDevice}`);
+      }
+      await run("mkfs.xfs", ["-q", "-f", ...rtArgs, ...(opts.mkfsArgs ?? []), device]);
     }
-    await run("mount", [device, dir]);
+    await run("mount", [...mountArgs, device, dir]);
     mounted = true;
-    return await fn({ kind, device, dir, image });
+    return await fn({ kind, device, dir, image, ...(rtDevice ? { rtDevice } : {}) });
   } finally {
     if (mounted) await unmount(dir);
     if (device) await run("losetup", ["-d", device], { allowFail: true });
+    if (rtDevice) await run("losetup", ["-d", rtDevice], { allowFail: true });
     await Deno.remove(work, { recursive: true }).catch(() => {});
   }
 }
@@ -268,4 +282,18 @@ export async function makeScenarios(fs: MountedFs): Promise<Scenario[]> {
   }
   await run("sync", []);
   return out;
+}
+
+/**
+ * Can this kernel mount xfs with a realtime device (CONFIG_XFS_RT)? Probed by trying: mount
+ * fails with ENOSYS ("Function not implemented") without it.
+ */
+export async function xfsRealtimeSupported(): Promise<boolean> {
+  if (!isRoot() || !(await hasCommand("mkfs.xfs"))) return false;
+  try {
+    return await withFilesystem("xfs", { xfsRealtimeMiB: 16 }, () => Promise.resolve(true));
+  } catch (e) {
+    if (e instanceof Error && /Function not implemented/.test(e.message)) return false;
+    throw e;
+  }
 }
