@@ -74,7 +74,11 @@ deno_bin="$(bash "$root/scripts/setup.sh")"
 t1="$(now)"
 stage_log deps "$(elapsed "$t0" "$t1") s"
 
-# 2. Kernel (cached after the first fetch).
+# 2. Kernel (cached after the first fetch). Steps 2 and 3 write the shared cache (apt lists, kernel,
+# base): one vm.sh at a time there, as several test runs may start together; the lock is released
+# once this run has its own copy of the initrd.
+exec 4>"$cache/lock"
+flock 4
 kdir="$(bash "$root/scripts/vm/fetch-kernel.sh" "$kernel" "$cache" $refresh)"
 kver="$(cat "$kdir/version")"
 t2="$(now)"
@@ -82,7 +86,7 @@ stage_log kernel "$(elapsed "$t1" "$t2") s ($kver)"
 
 # 3. Base initramfs, rebuilt only when one of its inputs changed: the kernel, Deno, the host's
 # packages the tools come from, and the scripts that define it.
-base="$cache/base-$kernel.cpio.gz"
+base="$cache/base-$kernel.cpio"
 key="$(
   {
     echo "$kver"
@@ -104,8 +108,8 @@ else
 fi
 
 # Per-run overlay: the project tree (tracked plus untracked non-ignored files, as the working tree
-# has them) under /fastloop, the command as /run-cmd, and a nonce that makes the exit marker
-# unforgeable by the command's own output.
+# has them) under /fastloop, the command as /run-cmd, and a per-run nonce in the markers so that
+# nothing the command prints (a test echoing a marker, an old log) is taken for them.
 ov="$run_tmp/overlay"
 mkdir -p "$ov/fastloop" "$ov/etc/fastloop"
 (
@@ -127,11 +131,11 @@ echo "$nonce" >"$ov/etc/fastloop/nonce"
 {
   echo '#!/bin/bash'
   echo '# Written by scripts/vm.sh for one run.'
-  while IFS='=' read -r name value; do
+  for name in $(compgen -e); do
     case "$name" in
       FASTLOOP_* | CI | NO_COLOR) printf 'export %s=%q\n' "$name" "${!name}" ;;
     esac
-  done < <(env)
+  done
   # Colours in the console stream make logs and deno's summary lines hard to parse.
   if [ ! -t 1 ]; then echo 'export NO_COLOR=1'; fi
   echo 'cd /fastloop'
@@ -140,11 +144,13 @@ echo "$nonce" >"$ov/etc/fastloop/nonce"
   printf '\n'
 } >"$ov/run-cmd"
 chmod 0755 "$ov/run-cmd"
-initrd="$run_tmp/initrd.cpio.gz"
+initrd="$run_tmp/initrd.img"
 (cd "$ov" && find . -print0 | LC_ALL=C sort -z |
   cpio --null --create --format=newc --quiet --owner=0:0) | gzip -1 >"$run_tmp/overlay.cpio.gz"
-# Concatenated gzip'd cpio archives: the kernel unpacks them in order, the overlay last.
+# Concatenated newc cpio archives (the base uncompressed, the overlay gzip'd): the kernel unpacks
+# them in order, so the overlay's files land on top of the base.
 cat "$base" "$run_tmp/overlay.cpio.gz" >"$initrd"
+exec 4>&-
 t3="$(now)"
 stage_log initramfs "$(elapsed "$t2" "$t3") s (base $base_note, $(du -m "$base" | cut -f1) MiB;\
  overlay $(du -k "$run_tmp/overlay.cpio.gz" | cut -f1) KiB)"
@@ -177,8 +183,17 @@ status=""
 t_start=""
 exec 3< <(exec timeout -k 10 "$timeout_s" "${qemu[@]}" </dev/null 2>&1)
 qemu_pid=$!
+shopt -s extglob
 while IFS= read -r line <&3 || [ -n "$line" ]; do
+  # The serial line ends lines with CR LF; a CR inside a line is a program redrawing it (deno test
+  # on a tty does): keep what a terminal would show, the text after the last CR.
   line="${line%$'\r'}"
+  line="${line##*$'\r'}"
+  if [ -z "$t_start" ]; then
+    # Before the command: firmware and kernel text, where SeaBIOS clears the screen with escapes.
+    line="${line//$'\e'c/}"
+    line="${line//$'\e'\[*([0-9;?])[a-zA-Z]/}"
+  fi
   case "$line" in
     *"FASTLOOP-VM-START $nonce"*)
       t_start="$(now)"
