@@ -1,0 +1,717 @@
+// Tests of ffi/io_uring.ts against the real kernel of the host (root; io_uring enabled).
+// Oracles are things io_uring did not produce: plain pread/pwrite/fallocate through libc,
+// Deno's file APIs, stat(2) sizes and block counts, eventfd counters read with read(2), and the
+// raw bytes of a kernel loop device under a freshly made ext4 (for fsync, fdatasync, RWF_DSYNC).
+
+import assert from "node:assert/strict";
+import {
+  errnoOfCqe,
+  IORING_CQE_F_MORE,
+  IORING_OP_URING_CMD,
+  IORING_SETUP_CQE32,
+  IORING_SETUP_SQE128,
+  IORING_SQ_CQ_OVERFLOW,
+  IOSQE_FIXED_FILE,
+  IoUring,
+  POLLIN,
+  RWF_DSYNC,
+} from "../../ffi/io_uring.ts";
+import {
+  AlignedBuffer,
+  close,
+  EFD_CLOEXEC,
+  EFD_NONBLOCK,
+  errno,
+  eventfd,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  fallocate,
+  fstat,
+  libc,
+  O_CREAT,
+  O_DIRECT,
+  O_RDONLY,
+  O_RDWR,
+  open,
+  pread,
+  pwrite,
+} from "../../ffi/libc.ts";
+import { EAGAIN, EBADF, EFAULT, EINVAL, EOPNOTSUPP, SyscallError } from "../../ffi/errno.ts";
+
+const MiB = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+function run(cmd: string, ...args: string[]): string {
+  const out = new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).outputSync();
+  if (!out.success) {
+    throw new Error(`${cmd} ${args.join(" ")}: ${new TextDecoder().decode(out.stderr).trim()}`);
+  }
+  return new TextDecoder().decode(out.stdout);
+}
+
+interface Ext4 {
+  /** Mount point of a fresh ext4 (supports O_DIRECT, unlike tmpfs). */
+  dir: string;
+  /** The kernel loop device under it: an oracle for what reached the "disk". */
+  loopDev: string;
+}
+
+/**
+ * A 64 MiB ext4 image on a kernel loop device (buffered, so the image's page cache holds what
+ * the filesystem sent down), mounted in a temp dir; everything is undone in `finally`.
+ */
+async function withExt4(fn: (fs: Ext4) => Promise<void> | void): Promise<void> {
+  const root = await Deno.makeTempDir({ prefix: "fastloop-uring-" });
+  let loopDev = "";
+  let mounted = false;
+  const dir = `${root}/mnt`;
+  try {
+    const image = `${root}/ext4.img`;
+    const f = await Deno.open(image, { create: true, write: true });
+    await f.truncate(64 * MiB);
+    f.close();
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", image);
+    loopDev = run("losetup", "--find", "--show", image).trim();
+    await Deno.mkdir(dir);
+    run("mount", "-t", "ext4", loopDev, dir);
+    mounted = true;
+    await fn({ dir, loopDev });
+  } finally {
+    if (mounted) run("umount", dir);
+    if (loopDev) run("losetup", "-d", loopDev);
+    await Deno.remove(root, { recursive: true });
+  }
+}
+
+/** Physical byte offset of a file's first extent, from `filefrag -v` (not from fastloop). */
+function firstExtentPhysicalBytes(path: string): number {
+  const out = run("filefrag", "-v", path);
+  const blockSize = Number(/blocks? of (\d+) bytes/.exec(out)?.[1]);
+  const row = /^\s*0:\s+\d+\.\.\s*\d+:\s+(\d+)\.\./m.exec(out);
+  assert.ok(row && blockSize > 0, `filefrag output not understood:\n${out}`);
+  return Number(row[1]) * blockSize;
+}
+
+/** `length` bytes at `offset` of a block device, read with O_DIRECT (no page cache of ours). */
+function readDeviceDirect(dev: string, offset: number, length: number): Uint8Array {
+  const fd = open(dev, O_RDONLY | O_DIRECT);
+  const buf = new AlignedBuffer(length);
+  try {
+    assert.equal(pread(fd, buf.pointer, length, offset), length);
+    return buf.bytes.slice(0, length);
+  } finally {
+    buf.free();
+    close(fd);
+  }
+}
+
+function randomBytes(n: number): Uint8Array<ArrayBuffer> {
+  const b = new Uint8Array(n);
+  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(b.subarray(i, Math.min(n, i + 65536)));
+  return b;
+}
+
+/**
+ * Byte-for-byte equality with a short message (node's deepEqual would render a diff of every
+ * byte, which for megabytes takes minutes and gigabytes).
+ */
+function assertSameBytes(actual: Uint8Array, expected: Uint8Array, what: string): void {
+  assert.equal(actual.length, expected.length, `${what}: length`);
+  for (let i = 0; i < actual.length; i++) {
+    if (actual[i] !== expected[i]) {
+      assert.fail(`${what}: first difference at byte ${i}: ${actual[i]} != ${expected[i]}`);
+    }
+  }
+}
+
+interface Cqe {
+  userData: number;
+  res: number;
+  flags: number;
+}
+
+/** Submits what is prepared, waits for `n` completions and returns them (test helper). */
+function waitCqes(ring: IoUring, n: number): Cqe[] {
+  const cqes: Cqe[] = [];
+  while (cqes.length < n) {
+    ring.submitAndWait(n - cqes.length);
+    ring.reapCqes((userData, res, flags) => cqes.push({ userData, res, flags }));
+  }
+  return cqes;
+}
+
+function withRing(
+  entries: number,
+  opts: Parameters<typeof IoUring.setup>[1],
+  fn: (ring: IoUring) => Promise<void> | void,
+): () => Promise<void> {
+  return async () => {
+    const ring = IoUring.setup(entries, opts);
+    try {
+      await fn(ring);
+    } finally {
+      ring.close();
+    }
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup and the ring mechanics
+
+Deno.test(
+  "IoUring.setup() with SQE128|CQE32 gives 128-byte SQEs and 32-byte CQEs that round-trip",
+  withRing(8, { sqe128: true, cqe32: true }, (ring) => {
+    assert.equal(ring.sqeSize, 128);
+    assert.equal(ring.cqeSize, 32);
+    assert.equal(
+      ring.setupFlags & (IORING_SETUP_SQE128 | IORING_SETUP_CQE32),
+      IORING_SETUP_SQE128 | IORING_SETUP_CQE32,
+    );
+    // Every slot: with a wrong stride the kernel would read a garbage opcode from slot 1 on, and
+    // the user_data read back at a wrong CQE stride would not match.
+    for (let round = 0; round < 3; round++) {
+      for (let i = 0; i < 8; i++) ring.prepNop(ring.getSqe(), 1000 * round + i);
+      const cqes = waitCqes(ring, 8);
+      assert.deepEqual(
+        cqes.map((c) => [c.userData, c.res]),
+        Array.from({ length: 8 }, (_, i) => [1000 * round + i, 0]),
+      );
+    }
+  }),
+);
+
+Deno.test(
+  "IoUring NOP returns user_data unchanged up to 2^53-1",
+  withRing(16, {}, (ring) => {
+    const values = [
+      0,
+      1,
+      0xffffffff,
+      2 ** 32,
+      2 ** 32 + 1,
+      2 ** 40 + 12345,
+      2 ** 52 + 7,
+      2 ** 53 - 2,
+      2 ** 53 - 1,
+      Math.floor(Math.random() * 2 ** 53),
+    ];
+    for (const v of values) ring.prepNop(ring.getSqe(), v);
+    const got = waitCqes(ring, values.length).map((c) => c.userData);
+    assert.deepEqual(got.sort((a, b) => a - b), [...values].sort((a, b) => a - b));
+  }),
+);
+
+Deno.test(
+  "IoUring.getSqe() returns -1 when the SQ is full and slots again after submit",
+  withRing(4, {}, (ring) => {
+    assert.equal(ring.sqEntries, 4);
+    for (let i = 0; i < 4; i++) assert.notEqual(ring.getSqe(), -1);
+    assert.equal(ring.getSqe(), -1);
+    assert.equal(ring.sqSpaceLeft(), 0);
+    // The four slots were taken but not prepared: make them NOPs so the kernel accepts them.
+    for (let i = 0; i < 4; i++) ring.prepNop(i * ring.sqeSize, 50 + i);
+    assert.equal(ring.submit(), 4);
+    assert.equal(ring.sqSpaceLeft(), 4);
+    assert.equal(waitCqes(ring, 4).length, 4);
+    // Many laps of the 4-slot ring: the u32 indexes and masks wrap correctly, nothing repeats.
+    const seen = new Set<number>();
+    let next = 0;
+    while (next < 1000) {
+      let sqe: number;
+      while (next < 1000 && (sqe = ring.getSqe()) !== -1) ring.prepNop(sqe, next++);
+      for (const c of waitCqes(ring, ring.sqPending() || 1)) seen.add(c.userData);
+    }
+    while (seen.size < 1000 && ring.cqReady()) {
+      ring.reapCqes((u) => seen.add(u));
+    }
+    assert.equal(seen.size, 1000);
+  }),
+);
+
+Deno.test(
+  "IoUring submits a batch of 32 SQEs in one io_uring_enter",
+  withRing(32, {}, (ring) => {
+    for (let i = 0; i < 32; i++) ring.prepNop(ring.getSqe(), i);
+    assert.equal(ring.sqPending(), 32);
+    // One call: the return value is what that single io_uring_enter consumed.
+    assert.equal(ring.submitAndWait(32), 32);
+    assert.equal(ring.cqReady(), 32);
+    const got: number[] = [];
+    assert.equal(ring.reapCqes((u) => got.push(u)), 32);
+    assert.deepEqual(got.sort((a, b) => a - b), Array.from({ length: 32 }, (_, i) => i));
+  }),
+);
+
+Deno.test(
+  "IoUring loses no completion when more CQEs are posted than the CQ holds",
+  withRing(8, { cqEntries: 16 }, (ring) => {
+    assert.equal(ring.cqEntries, 16);
+    // Exactly a full CQ: no overflow.
+    for (let lap = 0; lap < 2; lap++) {
+      for (let i = 0; i < 8; i++) ring.prepNop(ring.getSqe(), lap * 8 + i);
+      ring.submit();
+    }
+    assert.equal(ring.cqReady(), 16);
+    assert.equal(ring.cqOverflow(), 0);
+    assert.equal(ring.sqFlags() & IORING_SQ_CQ_OVERFLOW, 0);
+    // Eight more than fit: the kernel (IORING_FEAT_NODROP) parks them and flags the overflow.
+    for (let i = 0; i < 8; i++) ring.prepNop(ring.getSqe(), 16 + i);
+    ring.submit();
+    assert.notEqual(ring.sqFlags() & IORING_SQ_CQ_OVERFLOW, 0);
+    const got = new Set<number>();
+    ring.reapCqes((u) => got.add(u));
+    ring.submitAndWait(0); // flushes the parked CQEs (GETEVENTS because the flag is set)
+    ring.reapCqes((u) => got.add(u));
+    assert.equal(got.size, 24);
+    assert.equal(ring.sqFlags() & IORING_SQ_CQ_OVERFLOW, 0);
+  }),
+);
+
+Deno.test(
+  "IoUring.reapCqes() advances past every CQE before callbacks run and forbids re-entry",
+  withRing(8, {}, (ring) => {
+    for (let i = 0; i < 3; i++) ring.prepNop(ring.getSqe(), i);
+    ring.submitAndWait(3);
+    const order: number[] = [];
+    assert.throws(
+      () =>
+        ring.reapCqes((u) => {
+          order.push(u);
+          // The head has already moved: nothing is left to reap, and re-entry is refused.
+          assert.equal(ring.cqReady(), 0);
+          if (u === 1) ring.reapCqes(() => {});
+        }),
+      /own callbacks/,
+    );
+    // The throwing callback did not cost the third completion.
+    assert.deepEqual(order, [0, 1, 2]);
+    // A callback may submit: its completion is reaped by the next call, not this one.
+    ring.prepNop(ring.getSqe(), 7);
+    ring.submitAndWait(1);
+    let inner = 0;
+    assert.equal(
+      ring.reapCqes(() => {
+        ring.prepNop(ring.getSqe(), 8);
+        ring.submitAndWait(1);
+        inner = ring.cqReady();
+      }),
+      1,
+    );
+    assert.equal(inner, 1);
+    assert.deepEqual(waitCqes(ring, 1).map((c) => c.userData), [8]);
+  }),
+);
+
+Deno.test("IoUring.setup() failure is a SyscallError naming io_uring_setup and the errno", () => {
+  // The kernel rejects 0 entries with EINVAL.
+  assert.throws(() => IoUring.setup(0), (err: unknown) => {
+    assert.ok(err instanceof SyscallError);
+    assert.equal(err.syscall, "io_uring_setup");
+    assert.equal(err.errno, EINVAL);
+    assert.match(err.message, /^io_uring_setup .*EINVAL/);
+    return true;
+  });
+});
+
+Deno.test(
+  "IoUring CQE results carry -errno: errnoOfCqe() of a read on a bad fd is EBADF",
+  withRing(4, {}, (ring) => {
+    const buf = new AlignedBuffer(4096);
+    try {
+      ring.prepRead(ring.getSqe(), 987654, buf.address, 4096, 0, 1);
+      const [c] = waitCqes(ring, 1);
+      assert.equal(c?.res, -EBADF);
+      assert.equal(errnoOfCqe(c!.res), EBADF);
+      assert.equal(errnoOfCqe(4096), 0);
+    } finally {
+      buf.free();
+    }
+  }),
+);
+
+Deno.test(
+  "IoUring uring_cmd is recognised: a regular file answers EOPNOTSUPP, payload at byte 48",
+  withRing(4, { sqe128: true, cqe32: true }, async (ring) => {
+    assert.ok(ring.probeOps().has(IORING_OP_URING_CMD));
+    const dir = await Deno.makeTempDir();
+    try {
+      const fd = open(`${dir}/f`, O_RDWR | O_CREAT);
+      try {
+        const sqe = ring.getSqe();
+        const payload = ring.prepUringCmd(sqe, fd, 0x1234, 5);
+        assert.equal(payload - sqe, 48);
+        assert.equal(ring.sqeView.getUint32(sqe + 8, true), 0x1234);
+        assert.equal(ring.sqeView.getUint8(sqe), IORING_OP_URING_CMD);
+        const [c] = waitCqes(ring, 1);
+        assert.deepEqual([c?.userData, c?.res], [5, -EOPNOTSUPP]);
+      } finally {
+        close(fd);
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  }),
+);
+
+// ---------------------------------------------------------------------------------------------
+// Eventfd: registration, poll, read, async and timed waits
+
+Deno.test(
+  "IoUring.registerEventfd() makes the kernel signal the eventfd on each completion",
+  withRing(4, {}, (ring) => {
+    const efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    const counter = new BigUint64Array(1);
+    const readCounter = () => {
+      const n = libc.read(efd, new Uint8Array(counter.buffer), 8n);
+      return n < 0 ? -errno() : Number(counter[0]);
+    };
+    try {
+      ring.registerEventfd(efd);
+      assert.equal(readCounter(), -EAGAIN); // nothing yet
+      ring.prepNop(ring.getSqe(), 1);
+      ring.prepNop(ring.getSqe(), 2);
+      waitCqes(ring, 2);
+      assert.ok(readCounter() >= 1);
+      ring.unregisterEventfd();
+      ring.prepNop(ring.getSqe(), 3);
+      waitCqes(ring, 1);
+      assert.equal(readCounter(), -EAGAIN); // unregistered: no more signals
+    } finally {
+      close(efd);
+    }
+  }),
+);
+
+Deno.test(
+  "IoUring poll_add and an eventfd read complete only once the eventfd is written",
+  withRing(8, {}, (ring) => {
+    const efd = eventfd(0, EFD_CLOEXEC);
+    const buf = new AlignedBuffer(4096);
+    try {
+      ring.prepPollAdd(ring.getSqe(), efd, POLLIN, 1);
+      ring.prepReadEventfd(ring.getSqe(), efd, buf.address, 2);
+      assert.equal(ring.submitAndWaitTimeout(1, 30e6), 2); // both consumed, neither completes
+      assert.equal(ring.cqReady(), 0);
+      libc.write(efd, new Uint8Array(new BigUint64Array([41n]).buffer), 8n);
+      const cqes = waitCqes(ring, 2).sort((a, b) => a.userData - b.userData);
+      assert.equal(cqes[0]?.res! & POLLIN, POLLIN);
+      assert.equal(cqes[0]?.flags! & IORING_CQE_F_MORE, 0);
+      assert.equal(cqes[1]?.res, 8);
+      assert.equal(new DataView(buf.bytes.buffer).getBigUint64(0, true), 41n);
+    } finally {
+      buf.free();
+      close(efd);
+    }
+  }),
+);
+
+Deno.test(
+  "IoUring.submitAndWaitTimeout() returns after the timeout when nothing completes",
+  withRing(4, {}, (ring) => {
+    const t0 = performance.now();
+    assert.equal(ring.submitAndWaitTimeout(1, 50e6), 0);
+    const ms = performance.now() - t0;
+    assert.ok(ms >= 45 && ms < 2000, `waited ${ms} ms for a 50 ms timeout`);
+    assert.equal(ring.cqReady(), 0);
+  }),
+);
+
+Deno.test(
+  "IoUring.submitAndWaitAsync() waits on a helper thread while JS keeps running",
+  withRing(4, {}, async (ring) => {
+    const efd = eventfd(0, EFD_CLOEXEC);
+    const buf = new AlignedBuffer(4096);
+    try {
+      ring.prepReadEventfd(ring.getSqe(), efd, buf.address, 9);
+      let settled = false;
+      const waiting = ring.submitAndWaitAsync(1).then((n) => (settled = true, n));
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(settled, false); // still blocked in the kernel, yet this timer ran
+      libc.write(efd, new Uint8Array(new BigUint64Array([3n]).buffer), 8n);
+      assert.equal(await waiting, 1);
+      const got: Cqe[] = [];
+      ring.reapCqes((userData, res, flags) => got.push({ userData, res, flags }));
+      assert.deepEqual(got.map((c) => [c.userData, c.res]), [[9, 8]]);
+    } finally {
+      buf.free();
+      close(efd);
+    }
+  }),
+);
+
+// ---------------------------------------------------------------------------------------------
+// File IO against plain syscalls, on a real ext4
+
+/** A ring of `entries` for the duration of `fn`. */
+async function ringFor(entries: number, fn: (ring: IoUring) => Promise<void> | void) {
+  await withRing(entries, {}, fn)();
+}
+
+Deno.test("IoUring O_DIRECT writes and reads agree with Deno's file APIs and pread", () =>
+  withExt4((fs) =>
+    ringFor(16, async (ring) => {
+      const path = `${fs.dir}/direct.bin`;
+      const size = 4 * MiB;
+      const expected = randomBytes(size);
+      const buf = new AlignedBuffer(size);
+      const fd = open(path, O_RDWR | O_CREAT | O_DIRECT);
+      try {
+        // Write 1 MiB chunks out of order, in one batch, through io_uring.
+        buf.bytes.set(expected);
+        const order = [2, 0, 3, 1];
+        order.forEach((chunk) =>
+          ring.prepWrite(
+            ring.getSqe(),
+            fd,
+            buf.address + BigInt(chunk * MiB),
+            MiB,
+            chunk * MiB,
+            chunk,
+          )
+        );
+        const writes = waitCqes(ring, 4);
+        assert.deepEqual(writes.map((c) => c.res), [MiB, MiB, MiB, MiB]);
+        assertSameBytes(await Deno.readFile(path), expected, "file after io_uring writes");
+
+        // Overwrite a 4 KiB block with pwrite (plain syscall), read it back through io_uring.
+        const patch = randomBytes(4096);
+        const plain = new AlignedBuffer(4096);
+        try {
+          plain.bytes.set(patch);
+          assert.equal(pwrite(fd, plain.pointer, 4096, 3 * MiB + 8192), 4096);
+        } finally {
+          plain.free();
+        }
+        expected.set(patch, 3 * MiB + 8192);
+        buf.bytes.fill(0);
+        for (let i = 0; i < 4; i++) {
+          ring.prepRead(ring.getSqe(), fd, buf.address + BigInt(i * MiB), MiB, i * MiB, 10 + i);
+        }
+        const reads = waitCqes(ring, 4);
+        assert.ok(reads.every((c) => c.res === MiB));
+        assertSameBytes(buf.bytes.subarray(0, size), expected, "io_uring reads");
+        // A read past EOF returns 0 bytes, as pread does.
+        ring.prepRead(ring.getSqe(), fd, buf.address, 4096, size, 20);
+        assert.equal(waitCqes(ring, 1)[0]?.res, pread(fd, buf.pointer, 4096, size));
+        // O_DIRECT rejects a misaligned offset with EINVAL, on both paths.
+        ring.prepRead(ring.getSqe(), fd, buf.address, 4096, 100, 21);
+        assert.equal(waitCqes(ring, 1)[0]?.res, -EINVAL);
+        assert.throws(() => pread(fd, buf.pointer, 4096, 100), { errno: EINVAL });
+      } finally {
+        close(fd);
+        buf.free();
+      }
+    })
+  ));
+
+Deno.test("IoUring buffered writes and reads at odd offsets agree with pread and readFile", () =>
+  withExt4((fs) =>
+    ringFor(8, async (ring) => {
+      const path = `${fs.dir}/buffered.bin`;
+      const data = randomBytes(100_000);
+      const buf = new AlignedBuffer(200_000);
+      const fd = open(path, O_RDWR | O_CREAT);
+      try {
+        buf.bytes.set(data);
+        ring.prepWrite(ring.getSqe(), fd, buf.address, data.length, 777, 1);
+        assert.equal(waitCqes(ring, 1)[0]?.res, data.length);
+        const onDisk = await Deno.readFile(path);
+        assert.equal(onDisk.length, 777 + data.length);
+        assertSameBytes(onDisk.subarray(777), data, "file after io_uring write");
+        assert.ok(onDisk.subarray(0, 777).every((b) => b === 0));
+        // Read 5000 bytes at 1234 through io_uring into the second half, and with pread.
+        ring.prepRead(ring.getSqe(), fd, buf.address + 100_000n, 5000, 1234, 2);
+        assert.equal(waitCqes(ring, 1)[0]?.res, 5000);
+        const viaPread = new AlignedBuffer(5000);
+        try {
+          assert.equal(pread(fd, viaPread.pointer, 5000, 1234), 5000);
+          assertSameBytes(
+            buf.bytes.subarray(100_000, 105_000),
+            viaPread.bytes.subarray(0, 5000),
+            "io_uring read vs pread",
+          );
+        } finally {
+          viaPread.free();
+        }
+      } finally {
+        close(fd);
+        buf.free();
+      }
+    })
+  ));
+
+Deno.test("IoUring fallocate matches fallocate(2): sizes and blocks, incl. PUNCH_HOLE|KEEP_SIZE", () =>
+  withExt4((fs) =>
+    ringFor(4, async (ring) => {
+      const a = open(`${fs.dir}/via-uring`, O_RDWR | O_CREAT);
+      const b = open(`${fs.dir}/via-syscall`, O_RDWR | O_CREAT);
+      try {
+        // Allocate 2 MiB, extending the size.
+        ring.prepFallocate(ring.getSqe(), a, 0, 0, 2 * MiB, 1);
+        assert.equal(waitCqes(ring, 1)[0]?.res, 0);
+        fallocate(b, 0, 0, 2 * MiB);
+        let sa = fstat(a), sb = fstat(b);
+        assert.equal(sa.size, 2 * MiB);
+        assert.equal(sa.blocks, sb.blocks);
+        assert.ok(sa.blocks >= (2 * MiB) / 512);
+        // Fill both with data, then punch 1 MiB out of the middle keeping the size.
+        const data = new Uint8Array(2 * MiB).fill(0xab);
+        await Deno.writeFile(`${fs.dir}/via-uring`, data);
+        await Deno.writeFile(`${fs.dir}/via-syscall`, data);
+        const before = fstat(a).blocks;
+        const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        ring.prepFallocate(ring.getSqe(), a, mode, 512 * 1024, MiB, 2);
+        assert.equal(waitCqes(ring, 1)[0]?.res, 0);
+        fallocate(b, mode, 512 * 1024, MiB);
+        sa = fstat(a);
+        sb = fstat(b);
+        assert.equal(sa.size, 2 * MiB);
+        assert.equal(sa.blocks, sb.blocks);
+        assert.equal(before - sa.blocks, MiB / 512);
+        const after = await Deno.readFile(`${fs.dir}/via-uring`);
+        assertSameBytes(after, await Deno.readFile(`${fs.dir}/via-syscall`), "punched files");
+        assert.ok(after.subarray(512 * 1024, 512 * 1024 + MiB).every((x) => x === 0));
+        assert.equal(after[512 * 1024 - 1], 0xab);
+        assert.equal(after[512 * 1024 + MiB], 0xab);
+        // Invalid mode: the CQE carries the same errno the syscall throws.
+        ring.prepFallocate(ring.getSqe(), a, FALLOC_FL_PUNCH_HOLE, 0, 4096, 3);
+        const res = waitCqes(ring, 1)[0]!.res;
+        assert.throws(() => fallocate(b, FALLOC_FL_PUNCH_HOLE, 0, 4096), { errno: -res });
+      } finally {
+        close(a);
+        close(b);
+      }
+    })
+  ));
+
+/**
+ * Makes a 64 KiB file whose blocks are allocated and on disk (zeros), then overwrites it with
+ * `pattern` through the page cache only. Returns the fd and the file's physical byte offset.
+ */
+async function dirtyOverwrite(fs: Ext4, name: string, pattern: Uint8Array) {
+  const path = `${fs.dir}/${name}`;
+  await Deno.writeFile(path, new Uint8Array(pattern.length));
+  run("sync", path);
+  const physical = firstExtentPhysicalBytes(path);
+  const fd = open(path, O_RDWR);
+  return { fd, physical };
+}
+
+for (const datasync of [false, true]) {
+  const name = datasync ? "fdatasync" : "fsync";
+  Deno.test(
+    `IoUring ${name} puts page-cache writes on the device (read back from the loop device)`,
+    () =>
+      withExt4((fs) =>
+        ringFor(4, async (ring) => {
+          const pattern = randomBytes(65536);
+          const { fd, physical } = await dirtyOverwrite(fs, name, pattern);
+          const buf = new AlignedBuffer(pattern.length);
+          try {
+            buf.bytes.set(pattern);
+            assert.equal(pwrite(fd, buf.pointer, pattern.length, 0), pattern.length);
+            // The oracle can tell: before the sync, the device still holds the zeros.
+            assert.ok(readDeviceDirect(fs.loopDev, physical, pattern.length).every((x) => x === 0));
+            const sqe = ring.getSqe();
+            ring.prepFsync(sqe, fd, datasync, 1);
+            // fsync and fdatasync both reach the device here; the flag is what tells them apart.
+            assert.equal(ring.sqeView.getUint32(sqe + 28, true), datasync ? 1 : 0);
+            assert.equal(waitCqes(ring, 1)[0]?.res, 0);
+            assertSameBytes(
+              readDeviceDirect(fs.loopDev, physical, pattern.length),
+              pattern,
+              "device after sync",
+            );
+          } finally {
+            buf.free();
+            close(fd);
+          }
+        })
+      ),
+  );
+}
+
+Deno.test("IoUring RWF_DSYNC write is on the device at completion; a plain write is not", () =>
+  withExt4((fs) =>
+    ringFor(4, async (ring) => {
+      const plain = randomBytes(65536);
+      const dsync = randomBytes(65536);
+      const p = await dirtyOverwrite(fs, "plain", plain);
+      const d = await dirtyOverwrite(fs, "dsync", dsync);
+      const buf = new AlignedBuffer(2 * 65536);
+      try {
+        buf.bytes.set(plain, 0);
+        buf.bytes.set(dsync, 65536);
+        ring.prepWrite(ring.getSqe(), p.fd, buf.address, 65536, 0, 1);
+        ring.prepWrite(ring.getSqe(), d.fd, buf.address + 65536n, 65536, 0, 2, RWF_DSYNC);
+        assert.deepEqual(waitCqes(ring, 2).map((c) => c.res), [65536, 65536]);
+        assertSameBytes(
+          readDeviceDirect(fs.loopDev, d.physical, 65536),
+          dsync,
+          "device after RWF_DSYNC write",
+        );
+        assert.ok(readDeviceDirect(fs.loopDev, p.physical, 65536).every((x) => x === 0));
+      } finally {
+        buf.free();
+        close(p.fd);
+        close(d.fd);
+      }
+    })
+  ));
+
+Deno.test("IoUring read_fixed/write_fixed with registered buffers and a registered file", () =>
+  withExt4((fs) =>
+    ringFor(8, async (ring) => {
+      const path = `${fs.dir}/fixed.bin`;
+      const content = randomBytes(256 * 1024);
+      await Deno.writeFile(path, content);
+      const bufs = [new AlignedBuffer(128 * 1024), new AlignedBuffer(128 * 1024)];
+      const fd = open(path, O_RDWR | O_DIRECT);
+      try {
+        ring.registerBuffers(bufs);
+        ring.registerFiles([fd]);
+        // Read the file's two halves into buffer 1 then buffer 0, via the fixed file index 0.
+        let sqe = ring.getSqe();
+        ring.prepReadFixed(sqe, 0, bufs[1]!.address, 128 * 1024, 0, 1, 1);
+        ring.setSqeFlags(sqe, IOSQE_FIXED_FILE);
+        sqe = ring.getSqe();
+        ring.prepReadFixed(sqe, 0, bufs[0]!.address, 128 * 1024, 128 * 1024, 0, 2);
+        ring.setSqeFlags(sqe, IOSQE_FIXED_FILE);
+        assert.deepEqual(waitCqes(ring, 2).map((c) => c.res), [128 * 1024, 128 * 1024]);
+        assertSameBytes(bufs[1]!.bytes, content.subarray(0, 128 * 1024), "fixed buffer 1");
+        assertSameBytes(bufs[0]!.bytes, content.subarray(128 * 1024), "fixed buffer 0");
+        // Write buffer 1 (the first half) over the second half with write_fixed, by real fd.
+        ring.prepWriteFixed(ring.getSqe(), fd, bufs[1]!.address, 128 * 1024, 128 * 1024, 1, 3);
+        assert.equal(waitCqes(ring, 1)[0]?.res, 128 * 1024);
+        const after = await Deno.readFile(path);
+        assertSameBytes(
+          after.subarray(128 * 1024),
+          content.subarray(0, 128 * 1024),
+          "file after write_fixed",
+        );
+        // An address outside the registered buffer is refused by the kernel.
+        ring.prepReadFixed(ring.getSqe(), fd, bufs[0]!.address, 128 * 1024, 0, 1, 4);
+        assert.equal(waitCqes(ring, 1)[0]?.res, -EFAULT);
+        ring.unregisterFiles();
+        ring.unregisterBuffers();
+      } finally {
+        close(fd);
+        for (const b of bufs) b.free();
+      }
+    })
+  ));
+
+Deno.test("IoUring.registerBuffers() failure is a SyscallError naming io_uring_register", () =>
+  ringFor(4, (ring) => {
+    assert.throws(
+      () => ring.registerBuffers([{ address: 0n, lengthBytes: 4096 }]),
+      (err: unknown) => {
+        assert.ok(err instanceof SyscallError);
+        assert.equal(err.syscall, "io_uring_register");
+        assert.match(err.message, /REGISTER_BUFFERS/);
+        return true;
+      },
+    );
+  }));
