@@ -1,0 +1,260 @@
+// The request engine of lib/event_loop.ts without the ublk hop: requests are written into a
+// descriptor area by the test (as the ublk driver would), served on a real io_uring against a
+// real ext4 on a loop device, and completed into a recorder instead of COMMIT_AND_FETCH.
+// Oracles: the file read with O_DIRECT through the filesystem (`dd iflag=direct`), `filefrag`,
+// the loop device read at the extent's physical offset, `du` for allocation.
+
+import assert from "node:assert/strict";
+import { IoUring } from "../../ffi/io_uring.ts";
+import { close, O_DIRECT, O_RDWR, open } from "../../ffi/libc.ts";
+import { EIO } from "../../ffi/errno.ts";
+import {
+  IO_DESC_NR_SECTORS,
+  IO_DESC_OP_FLAGS,
+  IO_DESC_SIZE,
+  IO_DESC_START_SECTOR,
+  UBLK_IO_F_FUA,
+  UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH,
+  UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE,
+} from "../../ffi/ublk_cmd.ts";
+import {
+  Counter,
+  createSharedState,
+  Mode,
+  type QueueConfig,
+  QueueEngine,
+  SEG_MAX,
+} from "../../lib/event_loop.ts";
+import {
+  filefrag,
+  isRoot,
+  patternBytes,
+  readDirect,
+  run,
+  withFilesystem,
+  writeAt,
+} from "./fs_fixtures.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const DEPTH = 4;
+const MAX_IO = 1 * MiB;
+
+/** An engine on `file` with a descriptor area the test fills, and a completion recorder. */
+class Harness {
+  readonly ring = IoUring.setup(64, { sqe128: true, cqe32: true });
+  readonly descBytes = new ArrayBuffer(DEPTH * IO_DESC_SIZE);
+  readonly desc = new DataView(this.descBytes);
+  readonly done = new Map<number, number>();
+  readonly engine: QueueEngine;
+  readonly fileFd: number;
+  readonly backingFd: number;
+
+  constructor(file: string, device: string, fileSizeBytes: number, mode: number = Mode.fast) {
+    this.fileFd = open(file, O_RDWR | O_DIRECT);
+    this.backingFd = open(device, O_RDWR | O_DIRECT);
+    const cfg: QueueConfig = {
+      devId: 0,
+      queueId: 0,
+      queues: 1,
+      depth: DEPTH,
+      maxIoBytes: MAX_IO,
+      charFd: -1,
+      fileFd: this.fileFd,
+      filePath: file,
+      backingFd: this.backingFd,
+      fileSizeBytes,
+      logicalBlockSize: 512,
+      readOnly: false,
+      mode: mode as QueueConfig["mode"],
+      maxExtents: 1024,
+      eventFd: -1,
+      sab: createSharedState(1),
+    };
+    this.engine = new QueueEngine(cfg, this.ring, this.desc, {
+      complete: (tag, result) => this.done.set(tag, result),
+    });
+  }
+
+  /** Posts a request in `tag`'s descriptor and runs the loop until it completes. */
+  serve(tag: number, op: number, offset: number, length: number, flags = 0): number {
+    const base = tag * IO_DESC_SIZE;
+    this.desc.setUint32(base + IO_DESC_OP_FLAGS, op | flags, true);
+    this.desc.setUint32(base + IO_DESC_NR_SECTORS, length / 512, true);
+    this.desc.setBigUint64(base + IO_DESC_START_SECTOR, BigInt(offset / 512), true);
+    this.done.delete(tag);
+    this.engine.handleRequest(tag);
+    while (!this.done.has(tag)) {
+      this.ring.submitAndWait(1);
+      this.ring.reapCqes((ud, res) => this.engine.onBackendCqe(ud, res));
+      this.engine.runDeferred();
+    }
+    return this.done.get(tag)!;
+  }
+
+  /** The bytes of `tag`'s buffer. */
+  buffer(tag: number, length: number): Uint8Array {
+    return this.engine.buffers.bytes.slice(tag * MAX_IO, tag * MAX_IO + length);
+  }
+
+  fill(tag: number, data: Uint8Array): void {
+    this.engine.buffers.bytes.set(data, tag * MAX_IO);
+  }
+
+  counter(k: number): number {
+    return this.engine.views.counters[k]!;
+  }
+
+  close(): void {
+    this.engine.close();
+    this.ring.close();
+    close(this.fileFd);
+    close(this.backingFd);
+  }
+}
+
+const root = isRoot();
+
+Deno.test({
+  name: "engine reads data, holes and unwritten ranges in one request exactly as the file reads",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/mixed`;
+      // [0,256K) data, [256K,512K) hole, [512K,768K) unwritten, [768K,1M) data.
+      await run("truncate", ["-s", "1M", file]);
+      await writeAt(file, 0, patternBytes(256 * KiB, 1));
+      await run("fallocate", ["-o", String(512 * KiB), "-l", String(256 * KiB), file]);
+      await writeAt(file, 768 * KiB, patternBytes(256 * KiB, 2));
+      const h = new Harness(file, fs.device, MiB);
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, MiB), MiB);
+        assert.deepEqual(h.buffer(0, MiB), await readDirect(file, 0, MiB));
+        // The two data runs came from the device, the hole and the unwritten range are zeros.
+        assert.equal(h.counter(Counter.bytesReadDirect), 512 * KiB);
+        assert.equal(h.counter(Counter.bytesReadZero), 512 * KiB);
+        assert.equal(h.counter(Counter.bytesReadFile), 0);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine writes into a hole through the file and over data on the device",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      await run("truncate", ["-s", "2M", file]);
+      await writeAt(file, 0, patternBytes(MiB, 3));
+      const before = await filefrag(file);
+      const h = new Harness(file, fs.device, 2 * MiB);
+      try {
+        // Over written data: straight to the device at the extent's physical offset.
+        const a = patternBytes(128 * KiB, 4);
+        h.fill(1, a);
+        assert.equal(h.serve(1, UBLK_IO_OP_WRITE, 64 * KiB, a.length), a.length);
+        assert.equal(h.counter(Counter.bytesWrittenDirect), a.length);
+        // Into the hole: through the file, which allocates.
+        const b = patternBytes(256 * KiB, 5);
+        h.fill(2, b);
+        assert.equal(h.serve(2, UBLK_IO_OP_WRITE, 1536 * KiB, b.length, UBLK_IO_F_FUA), b.length);
+        assert.equal(h.counter(Counter.bytesWrittenFile), b.length);
+        assert.equal(h.serve(3, UBLK_IO_OP_FLUSH, 0, 0), 0);
+
+        assert.deepEqual(await readDirect(file, 64 * KiB, a.length), a);
+        assert.deepEqual(await readDirect(file, 1536 * KiB, b.length), b);
+        // The block under the direct write is the one FIEMAP reported before it.
+        const ext = before.extents[0]!;
+        const phys = ext.physicalBlock * before.blockSize + 64 * KiB;
+        assert.deepEqual(await readDirect(fs.device, phys, a.length), a);
+        const after = await filefrag(file);
+        assert.ok(after.extents.length > before.extents.length, "the hole got blocks");
+        // A read of the new range is served from the fresh mapping: the data, not zeros.
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 1536 * KiB, b.length), b.length);
+        assert.deepEqual(h.buffer(0, b.length), b);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine fails a request past the end of the file with EIO and keeps serving",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/small`;
+      await writeAt(file, 0, patternBytes(64 * KiB, 6));
+      const h = new Harness(file, fs.device, 64 * KiB);
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 60 * KiB, 8 * KiB), -EIO);
+        assert.equal(h.counter(Counter.errors), 1);
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, 64 * KiB), 64 * KiB);
+        assert.deepEqual(h.buffer(0, 64 * KiB), patternBytes(64 * KiB, 6));
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine discard punches the range in the file: it reads as zeros and frees its blocks",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      await writeAt(file, 0, patternBytes(MiB, 7));
+      const h = new Harness(file, fs.device, MiB);
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, MiB), MiB); // caches the mapping
+        assert.equal(h.serve(1, UBLK_IO_OP_DISCARD, 256 * KiB, 512 * KiB), 0);
+        const after = await readDirect(file, 0, MiB);
+        assert.deepEqual(after.subarray(256 * KiB, 768 * KiB), new Uint8Array(512 * KiB));
+        assert.deepEqual(after.subarray(0, 256 * KiB), patternBytes(MiB, 7).subarray(0, 256 * KiB));
+        const du = Number((await run("du", ["-k", file])).stdout.split(/\s/)[0]);
+        assert.equal(du, 512, "512 KiB stay allocated");
+        // The engine's own view follows: the punched range reads as zeros, not the old blocks.
+        assert.equal(h.serve(2, UBLK_IO_OP_READ, 0, MiB), MiB);
+        assert.deepEqual(h.buffer(2, MiB), after);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine splits a read over more extents than one batch of segments",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/frag`;
+      const other = `${fs.dir}/other`;
+      // Interleave two files 4 KiB at a time, so `frag` has one extent per 4 KiB block.
+      const blocks = SEG_MAX + 44;
+      const data = patternBytes(blocks * 4 * KiB, 8);
+      for (let i = 0; i < blocks; i++) {
+        await writeAt(file, i * 4 * KiB, data.subarray(i * 4 * KiB, (i + 1) * 4 * KiB));
+        await writeAt(other, i * 4 * KiB, patternBytes(4 * KiB, i));
+      }
+      const frag = await filefrag(file);
+      assert.ok(frag.extents.length > SEG_MAX, `${frag.extents.length} extents`);
+      const size = Math.min(MAX_IO, blocks * 4 * KiB);
+      const h = new Harness(file, fs.device, blocks * 4 * KiB, Mode.fast);
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, size), size);
+        assert.deepEqual(h.buffer(0, size), data.subarray(0, size));
+        assert.equal(h.counter(Counter.bytesReadDirect), size);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
