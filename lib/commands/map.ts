@@ -4,7 +4,12 @@
 //! much of the file is on the fast path.
 
 import { SyscallError } from "../../ffi/errno.ts";
-import { extentFlagNames, fiemap, type FiemapExtent } from "../../ffi/fiemap.ts";
+import {
+  extentFlagNames,
+  fiemap,
+  FIEMAP_EXTENT_DATA_INLINE,
+  type FiemapExtent,
+} from "../../ffi/fiemap.ts";
 import { filesystemOf } from "../../ffi/blkdev.ts";
 import { close, fstat, O_NONBLOCK, O_RDONLY, open, S_IFMT, S_IFREG } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs } from "../cli.ts";
@@ -37,7 +42,8 @@ Options:
                 device: { path, major, minor, partition, sizeBytes, logicalBlockSize,
                           physicalBlockSize } or null,
                 extents: [{ index, logicalBytes, physicalBytes, lengthBytes, logicalBlock,
-                            physicalBlock, lengthBlocks, flags (FIEMAP_EXTENT_* bits),
+                            physicalBlock, lengthBlocks (in bytes for inline extents, as
+                            filefrag counts them), flags (FIEMAP_EXTENT_* bits),
                             flagNames (filefrag's names), kind ("direct" | "unwritten" |
                             "via-file"), read ("direct" | "zeros" | "file"),
                             write ("direct" | "file"), reason (short name or ""),
@@ -198,14 +204,16 @@ function buildReport(
       : eligibility.eligible
       ? EXTENT_REASON_TEXT[c.reason]
       : `${EXTENT_REASON_TEXT[c.reason]}: ${eligibility.reason ?? eligibility.filesystem}`;
+    // Inline data is not block-addressed: filefrag counts it in bytes, and so do we.
+    const unit = e.flags & FIEMAP_EXTENT_DATA_INLINE ? 1 : blockSize;
     return {
       index,
       logicalBytes: e.logical,
       physicalBytes: e.physical,
       lengthBytes: e.length,
-      logicalBlock: Math.floor(e.logical / blockSize),
-      physicalBlock: Math.floor(e.physical / blockSize),
-      lengthBlocks: Math.floor(e.length / blockSize),
+      logicalBlock: Math.floor(e.logical / unit),
+      physicalBlock: Math.floor(e.physical / unit),
+      lengthBlocks: Math.floor(e.length / unit),
       flags: e.flags,
       flagNames: extentFlagNames(e.flags),
       kind: EXTENT_KIND_NAMES[c.kind] as MapExtent["kind"],

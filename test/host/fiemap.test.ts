@@ -15,6 +15,7 @@ import * as blkdevAbi from "../../ffi/blkdev.ts";
 import * as fcntlAbi from "../../ffi/fcntl.ts";
 import { SyscallError } from "../../ffi/errno.ts";
 import { close, O_RDONLY, open } from "../../ffi/libc.ts";
+import { classifyExtent, ExtentKind, ExtentReason } from "../../lib/eligibility.ts";
 import {
   filefrag,
   type FsKind,
@@ -25,6 +26,7 @@ import {
   run,
   withFilesystem,
   withTmpfs,
+  writeAt,
 } from "./fs_fixtures.ts";
 
 const root = isRoot();
@@ -45,9 +47,11 @@ async function assertMatchesFilefrag(path: string, extents: FiemapExtent[]): Pro
   extents.forEach((e, i) => {
     const f = ff.extents[i]!;
     const at = `${path} extent ${i}`;
-    assert.equal(Math.floor(e.logical / ff.blockSize), f.logicalBlock, `${at} logical`);
-    assert.equal(Math.floor(e.physical / ff.blockSize), f.physicalBlock, `${at} physical`);
-    assert.equal(Math.floor(e.length / ff.blockSize), f.lengthBlocks, `${at} length`);
+    // filefrag prints inline extents in bytes, everything else in filesystem blocks.
+    const unit = f.flags.includes("inline") ? 1 : ff.blockSize;
+    assert.equal(Math.floor(e.logical / unit), f.logicalBlock, `${at} logical`);
+    assert.equal(Math.floor(e.physical / unit), f.physicalBlock, `${at} physical`);
+    assert.equal(Math.floor(e.length / unit), f.lengthBlocks, `${at} length`);
     // filefrag adds "eof" itself (the extent reaches the file size); it is not a FIEMAP flag.
     assert.deepEqual(extentFlagNames(e.flags), f.flags.filter((n) => n !== "eof"), `${at} flags`);
   });
@@ -254,5 +258,49 @@ Deno.test({
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  },
+});
+
+Deno.test({
+  name: "fiemap() without sync reports ext4 delayed allocation, which is never direct",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const path = `${fs.dir}/dirty`;
+      // Buffered write, no fsync: the blocks are not allocated yet (writeback waits ~30 s).
+      await Deno.writeFile(path, new Uint8Array(64 * 1024).fill(9));
+      const dirty = mapPath(path, { sync: false });
+      const ff = (await run("filefrag", ["-v", path])).stdout; // filefrag without -s: no sync
+      assert.equal(dirty.length, 1);
+      assert.deepEqual(extentFlagNames(dirty[0]!.flags), ["last", "unknown_loc", "delalloc"]);
+      assert.match(ff, /unknown_loc,delalloc/);
+      assert.deepEqual(classifyExtent(dirty[0]!.flags, 512, dirty[0]), {
+        kind: ExtentKind.viaFile,
+        reason: ExtentReason.delalloc,
+      });
+      // With FIEMAP_FLAG_SYNC the same file maps to real, direct blocks.
+      const synced = mapPath(path, { sync: true });
+      assert.deepEqual(extentFlagNames(synced[0]!.flags), ["last"]);
+      assert.equal(classifyExtent(synced[0]!.flags, 512, synced[0]).kind, ExtentKind.direct);
+    });
+  },
+});
+
+Deno.test({
+  name: "fiemap() reports ext4 inline data as inline and not aligned, which is never direct",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", { mkfsArgs: ["-O", "inline_data"] }, async (fs) => {
+      const path = `${fs.dir}/tiny`;
+      await writeAt(path, 0, new TextEncoder().encode("tiny file kept in the inode\n"));
+      const extents = mapPath(path);
+      await assertMatchesFilefrag(path, extents);
+      assert.equal(extents.length, 1);
+      assert.deepEqual(extentFlagNames(extents[0]!.flags), ["last", "not_aligned", "inline"]);
+      assert.deepEqual(classifyExtent(extents[0]!.flags, 512, extents[0]), {
+        kind: ExtentKind.viaFile,
+        reason: ExtentReason.inline,
+      });
+    });
   },
 });

@@ -171,3 +171,27 @@ Deno.test("fastloop map rejects unknown flags and a missing FILE (exit 2)", asyn
   await assertBadInput(["map"], 2, /expected exactly one FILE, got 0/);
   await assertBadInput(["map", "a", "b"], 2, /expected exactly one FILE, got 2/);
 });
+
+Deno.test({
+  name: "fastloop map --json reports ext4 inline data in bytes, via the file, as filefrag does",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", { mkfsArgs: ["-O", "inline_data"] }, async (fs) => {
+      const path = `${fs.dir}/tiny`;
+      await Deno.writeTextFile(path, "kept in the inode\n");
+      const report = await mapJson(path);
+      const ff = await filefrag(path);
+      assert.equal(report.extents.length, 1);
+      const [e, f] = [report.extents[0]!, ff.extents[0]!];
+      assert.equal(e.logicalBlock, f.logicalBlock);
+      assert.equal(e.physicalBlock, f.physicalBlock);
+      assert.equal(e.lengthBlocks, f.lengthBlocks);
+      assert.equal(e.lengthBlocks, 18, "bytes, not blocks");
+      assert.deepEqual(e.flagNames, ["last", "not_aligned", "inline"]);
+      assert.equal(e.kind, "via-file");
+      assert.equal(e.reason, "inline");
+      assert.equal(report.summary.viaFileBytes, 18);
+      assert.equal(report.summary.fastPathShare, 0);
+    });
+  },
+});
