@@ -104,6 +104,7 @@ else
   stage_log initramfs "building $base"
   bash "$root/scripts/vm/build-base.sh" "$kdir" "$deno_bin" "$base"
   echo "$key" >"$base.key"
+  rm -f "$base.gz" "$base.gz.key" # gzip'd bases of earlier versions of this script
   base_note="rebuilt"
 fi
 
