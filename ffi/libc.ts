@@ -281,15 +281,16 @@ export class AlignedBuffer {
   }
 }
 
-// struct stat (x86_64, asm/stat.h): the fields fastloop reads.
-const STAT_SIZE = 144;
-const STAT_DEV = 0; // __kernel_ulong_t st_dev
-const STAT_INO = 8; // __kernel_ulong_t st_ino
-const STAT_MODE = 24; // unsigned int st_mode
-const STAT_RDEV = 40; // __kernel_ulong_t st_rdev
-const STAT_SIZE_FIELD = 48; // __kernel_long_t st_size
-const STAT_BLKSIZE = 56; // __kernel_long_t st_blksize
-const STAT_BLOCKS = 64; // __kernel_long_t st_blocks
+// struct stat (x86_64, asm/stat.h): the fields fastloop reads. Exported for the ABI check
+// (test/host/abi.test.ts compares them with the headers).
+export const STAT_SIZE = 144;
+export const STAT_DEV = 0; // __kernel_ulong_t st_dev
+export const STAT_INO = 8; // __kernel_ulong_t st_ino
+export const STAT_MODE = 24; // unsigned int st_mode
+export const STAT_RDEV = 40; // __kernel_ulong_t st_rdev
+export const STAT_SIZE_FIELD = 48; // __kernel_long_t st_size
+export const STAT_BLKSIZE = 56; // __kernel_long_t st_blksize
+export const STAT_BLOCKS = 64; // __kernel_long_t st_blocks
 
 export interface Stat {
   dev: bigint;
@@ -330,10 +331,10 @@ export function devMinor(dev: bigint): number {
 }
 
 // struct statfs (x86_64, asm-generic/statfs.h with 64-bit longs).
-const STATFS_SIZE = 120;
-const STATFS_TYPE = 0; // __kernel_long_t f_type
-const STATFS_BSIZE = 8; // __kernel_long_t f_bsize
-const STATFS_FLAGS = 80; // __kernel_long_t f_flags
+export const STATFS_SIZE = 120;
+export const STATFS_TYPE = 0; // __kernel_long_t f_type
+export const STATFS_BSIZE = 8; // __kernel_long_t f_bsize
+export const STATFS_FLAGS = 80; // __kernel_long_t f_flags
 
 export interface StatFs {
   type: number;
