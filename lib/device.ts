@@ -413,7 +413,17 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
           `ublk device ${info.devId} cannot be recovered: it is ${UBLK_STATE_NAMES[info.state]}`,
         );
       }
-      await ctl.startUserRecovery(info.devId);
+      // EBUSY until the dead server's /dev/ublkcN is released (its rings are torn down
+      // asynchronously after it exits): give it a few seconds.
+      for (let attempt = 0;; attempt++) {
+        try {
+          await ctl.startUserRecovery(info.devId);
+          break;
+        } catch (e) {
+          if (!(e instanceof SyscallError && e.errno === EBUSY) || attempt >= 100) throw e;
+          await sleep(100);
+        }
+      }
     } else {
       let flags = 0n;
       if (hasFeature(features, UBLK_F_CMD_IOCTL_ENCODE)) flags |= BigInt(UBLK_F_CMD_IOCTL_ENCODE);
