@@ -1,6 +1,7 @@
 /* ffi/ublk_cmd.ts against linux/ublk_cmd.h (see abi.h). Names the header gained after the
  * installed version are reported as not in this header, keyed on the macro that came with them. */
 #include <linux/errno.h>
+#include <linux/ioctl.h> /* older ublk_cmd.h use _IOR/_IOWR without including it */
 #include <linux/ublk_cmd.h>
 #include "abi.h"
 

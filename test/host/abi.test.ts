@@ -4,8 +4,10 @@
 // Each scripts/abi/NAME.c prints the values ffi/NAME.ts must hold, keyed by the names the module
 // exports (see scripts/abi/abi.h). This test compiles each program with `cc`, runs it, imports
 // the module and compares. Names the installed headers are too old to have are listed as "not in
-// this header", not failed. FASTLOOP_ABI_INCLUDE=DIR compiles against the headers in DIR first
-// (e.g. a newer linux-libc-dev unpacked there, see scripts/abi/newer-headers.sh).
+// this header", not failed. So that those names are checked too, the same programs are also
+// compiled against the newest linux-libc-dev Debian ships (trixie-backports), fetched once and
+// cached in .cache/ by scripts/abi/newer-headers.sh; FASTLOOP_ABI_NEWER=0 turns that off, and
+// where it cannot be fetched those tests are skipped with the reason.
 
 import assert from "node:assert/strict";
 
@@ -40,13 +42,13 @@ const programs = [...Deno.readDirSync(ABI_DIR)]
   .map((e) => e.name.slice(0, -2))
   .sort();
 
-/** Compiles and runs scripts/abi/NAME.c (against `includeDir` first, when given). */
-async function abiReport(name: string, includeDir?: string): Promise<AbiReport> {
+/** Compiles and runs scripts/abi/NAME.c (against the headers in `includeDirs` first). */
+async function abiReport(name: string, includeDirs: string[] = []): Promise<AbiReport> {
   const tmp = await Deno.makeTempDir({ prefix: "fastloop-abi-" });
   try {
     const exe = `${tmp}/${name}`;
     const args = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O0"];
-    if (includeDir) args.push("-I", includeDir);
+    for (const dir of includeDirs) args.push("-I", dir);
     args.push("-o", exe, `${ABI_DIR}${name}.c`);
     const cc = await new Deno.Command("cc", { args, stdout: "piped", stderr: "piped" }).output();
     if (!cc.success) {
@@ -95,40 +97,80 @@ function compare(report: AbiReport, mod: Record<string, unknown>): string[] {
   return problems;
 }
 
+/** Runs the check of ffi/NAME.ts against one set of headers; fails on any mismatch. */
+async function checkModule(name: string, includeDirs: string[], label: string): Promise<void> {
+  const report = await abiReport(name, includeDirs);
+  assert.equal(report.module, `ffi/${name}.ts`, "scripts/abi/NAME.c checks ffi/NAME.ts");
+  const mod = await import(`${FFI_DIR}${name}.ts`) as Record<string, unknown>;
+  let problems = compare(report, mod);
+
+  if (name === "errno") {
+    // Some errnos are only named in the module's table, not exported: check the table for
+    // every errno, since the names shown to users must be the ones the headers give.
+    const errnoName = mod.errnoName as (n: number) => string;
+    problems = problems.filter((p) => !/^E\w+: not exported/.test(p));
+    for (const [e, v] of Object.entries(report.values)) {
+      const shown = errnoName(Number(v));
+      if (shown !== e) problems.push(`errnoName(${v}) is ${shown}, the header calls it ${e}`);
+    }
+  }
+
+  const checked = new Set([...Object.keys(report.values), ...report.notInHeader]);
+  const unchecked = integerExports(mod).filter((k) => !checked.has(k));
+  console.log(
+    `ffi/${name}.ts: ${Object.keys(report.values).length} values checked against ` +
+      `${report.header} (${label})`,
+  );
+  if (report.notInHeader.length) {
+    console.log(`  not in this header: ${report.notInHeader.join(", ")}`);
+  }
+  if (unchecked.length) console.log(`  exported but not covered: ${unchecked.join(", ")}`);
+  assert.deepEqual(problems, [], `ABI mismatches (${label}):\n${problems.join("\n")}`);
+}
+
 for (const name of programs) {
   Deno.test({
     name: `ffi/${name}.ts constants and struct layouts match the installed headers`,
     ignore: !haveCc,
-    async fn() {
-      const includeDir = Deno.env.get("FASTLOOP_ABI_INCLUDE") || undefined;
-      const report = await abiReport(name, includeDir);
-      assert.equal(report.module, `ffi/${name}.ts`, "scripts/abi/NAME.c checks ffi/NAME.ts");
-      const mod = await import(`${FFI_DIR}${name}.ts`) as Record<string, unknown>;
-      let problems = compare(report, mod);
+    fn: () => checkModule(name, [], "installed headers"),
+  });
+}
 
-      if (name === "errno") {
-        // Some errnos are only named in the module's table, not exported: check the table for
-        // every errno, since the names shown to users must be the ones the headers give.
-        const errnoName = mod.errnoName as (n: number) => string;
-        problems = problems.filter((p) => !/^E\w+: not exported/.test(p));
-        for (const [e, v] of Object.entries(report.values)) {
-          const shown = errnoName(Number(v));
-          if (shown !== e) problems.push(`errnoName(${v}) is ${shown}, the header calls it ${e}`);
-        }
-      }
+/** Include dirs of the newest Debian UAPI headers, or why there are none. */
+function newerHeaders(): { dirs: string[]; version: string } | { skip: string } {
+  if (Deno.env.get("FASTLOOP_ABI_NEWER") === "0") return { skip: "FASTLOOP_ABI_NEWER=0" };
+  if (!haveCc) return { skip: "no C compiler" };
+  const cacheDir = new URL("../../.cache/", import.meta.url).pathname;
+  try {
+    const out = new Deno.Command("bash", {
+      args: [`${ABI_DIR}newer-headers.sh`, cacheDir],
+      stdout: "piped",
+      stderr: "piped",
+    }).outputSync();
+    const text = new TextDecoder();
+    if (!out.success) {
+      return {
+        skip: `newer-headers.sh failed: ${text.decode(out.stderr).trim().split("\n").pop()}`,
+      };
+    }
+    const dirs = text.decode(out.stdout).trim().split(":");
+    const version = Deno.readTextFileSync(`${cacheDir}abi-headers/version`).trim();
+    return { dirs, version };
+  } catch (e) {
+    return { skip: `newer-headers.sh could not run: ${e}` };
+  }
+}
 
-      const checked = new Set([...Object.keys(report.values), ...report.notInHeader]);
-      const unchecked = integerExports(mod).filter((k) => !checked.has(k));
-      console.log(
-        `ffi/${name}.ts: ${Object.keys(report.values).length} values checked against ` +
-          `${report.header}${includeDir ? ` (from ${includeDir} first)` : ""}`,
-      );
-      if (report.notInHeader.length) {
-        console.log(`  not in this header (newer kernels): ${report.notInHeader.join(", ")}`);
-      }
-      if (unchecked.length) console.log(`  exported but not covered: ${unchecked.join(", ")}`);
-      assert.deepEqual(problems, [], `ABI mismatches:\n${problems.join("\n")}`);
-    },
+const newer = newerHeaders();
+if ("skip" in newer) {
+  console.log(`abi.test.ts: checks against newer headers SKIPPED: ${newer.skip}`);
+}
+for (const name of programs) {
+  const label = "dirs" in newer ? `linux-libc-dev ${newer.version}` : "newer linux-libc-dev";
+  Deno.test({
+    name: `ffi/${name}.ts constants and struct layouts match ${label} (trixie-backports)`,
+    ignore: "skip" in newer,
+    fn: () => checkModule(name, "dirs" in newer ? newer.dirs : [], label),
   });
 }
 
