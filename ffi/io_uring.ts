@@ -16,6 +16,9 @@
 //! them. On x86-64 (the only target: the syscall numbers below are x86-64's) TSO alone already
 //! keeps stores in order and loads in order, so the atomics mainly pin the JIT's ordering.
 //!
+//! Not supported: SQPOLL (no NEED_WAKEUP handling). With IORING_SETUP_DEFER_TASKRUN the kernel
+//! posts completions only inside io_uring_enter with GETEVENTS, i.e. `submitAndWait(n > 0)`.
+//!
 //! IO path rules: no allocation per IO (user_data is a JS number written as two u32 halves, no
 //! BigInt); buffers are native memory (`AlignedBuffer`) given to the kernel by address, never
 //! copied through JS. A negative CQE result is -errno for the caller to inspect (`errnoOfCqe`);
@@ -678,12 +681,14 @@ export class IoUring {
    * Submits prepared SQEs and waits until at least `waitNr` CQEs are ready, in one
    * io_uring_enter. Returns the number of SQEs consumed. Retries EINTR; other failures throw
    * `SyscallError("io_uring_enter", …)` (EBUSY/EAGAIN: reap completions, then call again).
+   * A signal that arrives after the SQEs were consumed ends the wait early (the kernel then
+   * reports the count, not EINTR): callers loop on reapCqes, they never assume `waitNr` CQEs.
    */
   submitAndWait(waitNr: number): number {
     let toSubmit = this.#flushSq();
     // Completions the kernel parked for lack of CQ room, or deferred task work, are only
     // posted from inside io_uring_enter with GETEVENTS.
-    let flags = waitNr > 0 || (this.sqFlags() & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN))
+    const flags = waitNr > 0 || (this.sqFlags() & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN))
       ? IORING_ENTER_GETEVENTS
       : 0;
     if (toSubmit === 0 && flags === 0) return 0;
@@ -694,7 +699,6 @@ export class IoUring {
       if (e !== EINTR) throw new SyscallError("io_uring_enter", e, `ring fd ${this.fd}`);
       // Interrupted before consuming anything: recount, the tail is already published.
       toSubmit = (this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0;
-      flags |= waitNr > 0 ? IORING_ENTER_GETEVENTS : 0;
     }
   }
 
@@ -710,8 +714,9 @@ export class IoUring {
     s.setBigUint64(GETEVENTS_ARG_SIGMASK, 0n, true);
     s.setUint32(GETEVENTS_ARG_SIGMASK_SZ, 8, true); // _NSIG / 8, though no mask is passed
     s.setBigUint64(GETEVENTS_ARG_TS, this.#scratch.address + BigInt(SCRATCH_TS), true);
-    s.setBigInt64(SCRATCH_TS, BigInt(Math.floor(timeoutNs / 1e9)), true);
-    s.setBigInt64(SCRATCH_TS + 8, BigInt(timeoutNs % 1e9), true);
+    const ns = Math.max(0, Math.floor(timeoutNs));
+    s.setBigInt64(SCRATCH_TS, BigInt(Math.floor(ns / 1e9)), true);
+    s.setBigInt64(SCRATCH_TS + 8, BigInt(ns % 1e9), true);
     let toSubmit = this.#flushSq();
     const flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     for (;;) {
