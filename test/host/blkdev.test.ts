@@ -12,6 +12,7 @@ import {
   hasCommand,
   isRoot,
   run,
+  testDir,
   withFilesystem,
   withTmpfs,
   writeAt,
@@ -20,6 +21,15 @@ import {
 
 const root = isRoot();
 const xfsRealtime = await xfsRealtimeSupported();
+const overlay = root && await filesystemAvailable("overlay");
+if (root && !overlay) console.log("skip: this kernel has no overlay filesystem");
+
+/** Is `fs` in /proc/filesystems (after asking modprobe to load it, where there is one)? */
+async function filesystemAvailable(fs: string): Promise<boolean> {
+  if (await hasCommand("modprobe")) await run("modprobe", ["-q", fs], { allowFail: true });
+  const list = await Deno.readTextFile("/proc/filesystems");
+  return list.split("\n").some((line) => line.split("\t").at(-1) === fs);
+}
 if (root && !xfsRealtime) {
   console.log("skip: this kernel cannot mount xfs with a realtime device (CONFIG_XFS_RT)");
 }
@@ -118,9 +128,9 @@ Deno.test({
 
 Deno.test({
   name: "an overlayfs file is not eligible, with the reason",
-  ignore: !root,
+  ignore: !overlay,
   async fn() {
-    const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "fastloop-overlay-" });
+    const dir = await Deno.makeTempDir({ dir: testDir(), prefix: "fastloop-overlay-" });
     let mounted = false;
     try {
       for (const d of ["lower", "upper", "work", "mnt"]) await Deno.mkdir(`${dir}/${d}`);

@@ -3,8 +3,20 @@
 //! independent oracles the tests compare fastloop with: `filefrag -v`, `losetup`, `findmnt`,
 //! `blockdev`.
 
-/** Where images live: not /tmp (may be tmpfs, which FIEMAP and loop-mounts cannot test). */
-const IMAGE_DIR = "/var/tmp";
+/**
+ * Where test files and images live: `$FASTLOOP_TEST_DIR`, else /var/tmp, else the repo's
+ * `.cache/test` (the test VM has no /var/tmp). Not /tmp: it may be tmpfs, which has no FIEMAP.
+ */
+export function testDir(): string {
+  const fromEnv = Deno.env.get("FASTLOOP_TEST_DIR");
+  if (fromEnv) return fromEnv;
+  try {
+    if (Deno.statSync("/var/tmp").isDirectory) return "/var/tmp";
+  } catch { /* fall through */ }
+  const dir = new URL("../../.cache/test", import.meta.url).pathname;
+  Deno.mkdirSync(dir, { recursive: true });
+  return dir;
+}
 
 export interface CommandResult {
   code: number;
@@ -71,7 +83,7 @@ export async function withFilesystem<T>(
   opts: FsOptions,
   fn: (fs: MountedFs) => Promise<T>,
 ): Promise<T> {
-  const work = await Deno.makeTempDir({ dir: IMAGE_DIR, prefix: `fastloop-${kind}-` });
+  const work = await Deno.makeTempDir({ dir: testDir(), prefix: `fastloop-${kind}-` });
   const image = `${work}/fs.img`;
   const dir = `${work}/mnt`;
   let device = "";
@@ -120,7 +132,7 @@ async function unmount(dir: string): Promise<void> {
 
 /** Makes a tmpfs mount of its own under a temp dir for `fn`, and removes it afterwards. */
 export async function withTmpfs<T>(fn: (dir: string) => Promise<T>): Promise<T> {
-  const dir = await Deno.makeTempDir({ dir: IMAGE_DIR, prefix: "fastloop-tmpfs-" });
+  const dir = await Deno.makeTempDir({ dir: testDir(), prefix: "fastloop-tmpfs-" });
   let mounted = false;
   try {
     await run("mount", ["-t", "tmpfs", "-o", "size=16m", "tmpfs", dir]);

@@ -11,10 +11,11 @@ import {
 } from "../../ffi/fcntl.ts";
 import { SyscallError } from "../../ffi/errno.ts";
 import { close, O_RDONLY, O_RDWR, open } from "../../ffi/libc.ts";
+import { testDir } from "./fs_fixtures.ts";
 
 async function withTempFile(fn: (path: string) => Promise<void>): Promise<void> {
   // Not /tmp: it may be tmpfs on some machines; leases need a local filesystem anyway.
-  const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "fastloop-lease-" });
+  const dir = await Deno.makeTempDir({ dir: testDir(), prefix: "fastloop-lease-" });
   try {
     const path = `${dir}/file`;
     await Deno.writeTextFile(path, "leased data\n");

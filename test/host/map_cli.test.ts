@@ -12,6 +12,7 @@ import {
   isRoot,
   makeScenarios,
   run,
+  testDir,
   withFilesystem,
   withTmpfs,
 } from "./fs_fixtures.ts";
@@ -129,7 +130,7 @@ async function assertBadInput(args: string[], code: number, message: RegExp): Pr
 }
 
 Deno.test("fastloop map rejects a missing path, a directory and device nodes (exit 3)", async () => {
-  const dir = await Deno.makeTempDir({ dir: "/var/tmp", prefix: "fastloop-map-" });
+  const dir = await Deno.makeTempDir({ dir: testDir(), prefix: "fastloop-map-" });
   try {
     await assertBadInput(["map", `${dir}/nope`], 3, /No such file: .*nope/);
     await assertBadInput(["map", dir], 3, /is a directory, not a regular file/);
