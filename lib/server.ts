@@ -9,11 +9,12 @@
 //!
 //! Lease policy (issue 5). The file is opened once, O_RDWR (read-write attach) or O_RDONLY, and
 //! that fd holds a write or read lease. When the kernel breaks it (SIGIO):
-//! - someone opens the file for reading: the policy wants "read-direct" under a read lease, but
-//!   the kernel refuses a read lease on an fd open for writing (EAGAIN, even our own fd), so a
-//!   read-write device tries the downgrade and, refused, falls through to the next case;
 //! - someone opens it for writing or truncates it: `setMode("file")` drains direct IO and drops the
-//!   extent cache, then the lease is released — the opener waits only for that drain.
+//!   extent cache, then the lease is released — the opener waits only for that drain;
+//! - someone opens it for reading: issue 5 wants "read-direct" under a read lease, but the kernel
+//!   refuses a read lease on an fd open for writing (EAGAIN, even our own fd; measured), and
+//!   without any lease a later writer would go unnoticed, so a reader is handled like a writer.
+//!   (`setMode("read-direct")` stays available for a design that holds a read-only fd.)
 //! Then the lease is retried with backoff; once held again the device returns to its base mode
 //! with a fresh mapping. Every transition is logged and counted for `stat`.
 
@@ -440,19 +441,9 @@ class Server {
       const fd = this.#fileFd;
       const path = this.#opts.filePath;
       if (this.#lease === "none") return;
-      if (to === "read" && this.#lease === "write" && this.#mode === "fast") {
-        // Direct writes would bypass the reader's page cache; direct reads stay coherent.
-        await this.#setMode("read-direct", "write", "a reader opened the file");
-        if (trySetLease(fd, "read", path)) {
-          this.#lease = "read";
-          this.#record_("read-direct", "read lease held (downgraded for a reader)");
-          this.#scheduleRetry();
-          return;
-        }
-        log("downgrade to a read lease refused (the fd is open for writing): going to file mode");
-      }
-      // A writer or truncate (or a refused downgrade): no direct IO may remain in flight when
-      // the opener proceeds, and no old mapping may be used afterwards.
+      // Reader or writer alike (see the header): no direct IO may remain in flight when the
+      // opener proceeds, and no old mapping may be used afterwards. Trying a downgrade first
+      // would cost the opener a second drain for a refusal.
       await this.#setMode("file", this.#lease, `${opener} opened the file`);
       setLease(fd, "unlock", path);
       this.#lease = "none";
