@@ -289,6 +289,8 @@ export class IoUring {
   /** The SQE array (native memory). `getSqe()` returns byte offsets into it. */
   readonly sqeView: DataView;
   readonly sqeBytes: Uint8Array;
+  /** io_uring_enter calls made so far: syscalls per IO for stats and benchmarks. */
+  enterCalls = 0;
 
   readonly #sqRing: Uint32Array;
   readonly #cqRing: Uint32Array;
@@ -693,6 +695,7 @@ export class IoUring {
       : 0;
     if (toSubmit === 0 && flags === 0) return 0;
     for (;;) {
+      this.enterCalls++;
       const r = libc.io_uring_enter(SYS_ENTER_BIG, this.fd, toSubmit, waitNr, flags, null, 0n);
       if (r >= 0) return r;
       const e = errno();
@@ -720,6 +723,7 @@ export class IoUring {
     let toSubmit = this.#flushSq();
     const flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     for (;;) {
+      this.enterCalls++;
       const r = libc.io_uring_enter(
         SYS_ENTER_BIG,
         this.fd,
@@ -746,6 +750,7 @@ export class IoUring {
   async submitAndWaitAsync(waitNr: number): Promise<number> {
     let consumed = 0;
     for (;;) {
+      this.enterCalls++;
       const r = await libc.io_uring_enter_nonblocking(
         SYS_ENTER_BIG,
         this.fd,

@@ -9,6 +9,8 @@ import {
   IORING_CQE_F_MORE,
   IORING_OP_URING_CMD,
   IORING_SETUP_CQE32,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
   IORING_SETUP_SQE128,
   IORING_SQ_CQ_OVERFLOW,
   IOSQE_FIXED_FILE,
@@ -183,6 +185,30 @@ Deno.test(
 );
 
 Deno.test(
+  "IoUring with SINGLE_ISSUER|DEFER_TASKRUN (the queue rings' setup) completes through submitAndWait",
+  withRing(
+    8,
+    { sqe128: true, cqe32: true, flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN },
+    (ring) => {
+      const efd = eventfd(0, EFD_CLOEXEC);
+      const buf = new AlignedBuffer(4096);
+      try {
+        ring.prepReadEventfd(ring.getSqe(), efd, buf.address, 1);
+        ring.prepNop(ring.getSqe(), 2);
+        assert.equal(ring.submit(), 2);
+        libc.write(efd, new Uint8Array(new BigUint64Array([7n]).buffer), 8n);
+        const cqes = waitCqes(ring, 2).sort((a, b) => a.userData - b.userData);
+        assert.deepEqual(cqes.map((c) => [c.userData, c.res]), [[1, 8], [2, 0]]);
+        assert.equal(new DataView(buf.bytes.buffer).getBigUint64(0, true), 7n);
+      } finally {
+        buf.free();
+        close(efd);
+      }
+    },
+  ),
+);
+
+Deno.test(
   "IoUring NOP returns user_data unchanged up to 2^53-1",
   withRing(16, {}, (ring) => {
     const values = [
@@ -236,7 +262,9 @@ Deno.test(
     for (let i = 0; i < 32; i++) ring.prepNop(ring.getSqe(), i);
     assert.equal(ring.sqPending(), 32);
     // One call: the return value is what that single io_uring_enter consumed.
+    const enters = ring.enterCalls;
     assert.equal(ring.submitAndWait(32), 32);
+    assert.equal(ring.enterCalls - enters, 1);
     assert.equal(ring.cqReady(), 32);
     const got: number[] = [];
     assert.equal(ring.reapCqes((u) => got.push(u)), 32);
