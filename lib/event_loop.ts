@@ -29,7 +29,13 @@
 //! that request with -errno and never stop the queue; EINTR/EAGAIN and short transfers are
 //! re-issued.
 
-import { IoUring, RWF_DSYNC } from "../ffi/io_uring.ts";
+import {
+  IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
+  IoUring,
+  RWF_DSYNC,
+} from "../ffi/io_uring.ts";
 import {
   AlignedBuffer,
   FALLOC_FL_KEEP_SIZE,
@@ -809,7 +815,7 @@ export function runQueue(
   onFetching: () => void,
 ): void {
   const entries = nextPow2(Math.min(4096, Math.max(64, cfg.depth * 2 + 8)));
-  const ring = IoUring.setup(entries, { sqe128: true, cqe32: true, cqEntries: entries * 4 });
+  const ring = setupQueueRing(entries);
   const commits = new CommitPort(cfg, ring);
   const engine = new QueueEngine(cfg, ring, resources.desc, commits);
   commits.engine = engine;
@@ -941,6 +947,30 @@ class CommitPort implements Completer {
 
   complete(tag: number, result: number): void {
     this.#cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+  }
+}
+
+/**
+ * The queue's ring. Only this Worker ever enters it, so by default it is SINGLE_ISSUER with
+ * DEFER_TASKRUN: ublk delivers requests as task work, which then runs inside our own
+ * io_uring_enter instead of interrupting the thread (fewer wake-ups per batch). Kernels without
+ * those flags get COOP_TASKRUN, then a plain ring. FASTLOOP_QUEUE_RING=coop|plain forces one
+ * (for benchmarks).
+ */
+function setupQueueRing(entries: number): IoUring {
+  const opts = { sqe128: true, cqe32: true, cqEntries: entries * 4 };
+  const wanted = Deno.env.get("FASTLOOP_QUEUE_RING") ?? "defer";
+  const choices = [
+    IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+    IORING_SETUP_COOP_TASKRUN,
+    0,
+  ].slice(wanted === "plain" ? 2 : wanted === "coop" ? 1 : 0);
+  for (let i = 0;; i++) {
+    try {
+      return IoUring.setup(entries, { ...opts, flags: choices[i]! });
+    } catch (e) {
+      if (i === choices.length - 1) throw e;
+    }
   }
 }
 
