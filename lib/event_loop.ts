@@ -42,7 +42,7 @@ import {
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
 } from "../ffi/libc.ts";
-import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName } from "../ffi/errno.ts";
+import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
 import { fiemap } from "../ffi/fiemap.ts";
 import {
   IO_CMD_ADDR,
@@ -425,7 +425,7 @@ export class QueueEngine {
     const fileFd = this.#cfg.fileFd;
     const backingFd = this.#cfg.backingFd;
     const mode = this.mode;
-    const useFile = cache === null || mode === Mode.file ||
+    let useFile = cache === null || mode === Mode.file ||
       (isWrite && mode === Mode.readDirect) ||
       (this.#punching.size > 0 && this.#punchOverlaps(offset, length));
     let cursor = this.#cursor[tag]!;
@@ -441,12 +441,22 @@ export class QueueEngine {
       let dev: number;
       let chunk: number;
       let direct = false;
+      let i = -1;
+      if (!useFile) {
+        try {
+          i = cache!.lookup(pos);
+        } catch (e) {
+          // FIEMAP failed (e.g. EIO from the filesystem): the file path is always safe.
+          useFile = true;
+          c[Counter.errors]!++;
+          if (e instanceof SyscallError) Atomics.store(this.views.ctrl, CTRL_ERRNO, e.errno);
+        }
+      }
       if (useFile) {
         fd = fileFd;
         dev = pos;
         chunk = length - cursor;
       } else {
-        const i = cache!.lookup(pos);
         chunk = Math.min(length - cursor, cache!.endAt(i) - pos);
         const kind = cache!.kindAt(i);
         if (kind === ExtentKind.direct) {
