@@ -34,6 +34,16 @@ export const FSXATTR_SIZE = 28;
 /** fsx_xflags: the file's data lives on the XFS realtime device, not the data device. */
 export const FS_XFLAG_REALTIME = 0x1;
 
+/**
+ * `_IOR('f', 1, long)`: the inode flags (`chattr`/`lsattr`). Named `long` for history, but the
+ * kernel reads and writes an `int`.
+ */
+export const FS_IOC_GETFLAGS = 0x80086601n;
+/** Inode flags that change where or how the data sits on the device. */
+export const FS_COMPR_FL = 0x4; // compressed by the filesystem
+export const FS_ENCRYPT_FL = 0x800; // fscrypt: the device holds ciphertext
+export const FS_JOURNAL_DATA_FL = 0x4000; // ext3/4 data journaling for this file (chattr +j)
+
 // linux/magic.h (and, for zfs and bcachefs, their own sources: they are out of tree).
 export const EXT4_SUPER_MAGIC = 0xef53; // shared by ext2, ext3 and ext4
 export const XFS_SUPER_MAGIC = 0x58465342;
@@ -88,22 +98,24 @@ export interface Filesystem {
   name: string;
   /** statfs `f_bsize`: the filesystem block size (the unit `filefrag` counts in). */
   blockSize: number;
+  /** The superblock's mount options from /proc/self/mountinfo (`data=journal`, …), if found. */
+  options: string[];
 }
 
 /** The filesystem `fd` lives on. */
 export function filesystemOf(fd: number, path = `fd ${fd}`): Filesystem {
   const st = fstatfs(fd, path);
   const magic = st.type >>> 0;
+  const { dev } = fstat(fd, path);
+  const mount = mountOf(devMajor(dev), devMinor(dev));
   let name = FILESYSTEM_NAMES[magic] ?? `unknown (0x${magic.toString(16)})`;
-  if (magic === EXT4_SUPER_MAGIC) {
-    const { dev } = fstat(fd, path);
-    name = mountTypeOf(devMajor(dev), devMinor(dev)) ?? name;
-  }
-  return { magic, name, blockSize: st.blockSize };
+  // The mount table tells the ext family apart; trust it only for the magic it agrees with.
+  if (magic === EXT4_SUPER_MAGIC && mount?.type.startsWith("ext")) name = mount.type;
+  return { magic, name, blockSize: st.blockSize, options: mount?.options ?? [] };
 }
 
-/** The fstype column of /proc/self/mountinfo for the mount of device `major:minor`, if any. */
-function mountTypeOf(major: number, minor: number): string | undefined {
+/** The fstype and superblock options in /proc/self/mountinfo of device `major:minor`. */
+function mountOf(major: number, minor: number): { type: string; options: string[] } | undefined {
   let text: string;
   try {
     text = Deno.readTextFileSync("/proc/self/mountinfo");
@@ -111,11 +123,13 @@ function mountTypeOf(major: number, minor: number): string | undefined {
     return undefined;
   }
   for (const line of text.split("\n")) {
-    // "36 35 7:3 / /mnt rw,relatime shared:1 - ext4 /dev/loop3 rw": fields after " - ".
+    // "36 35 7:3 / /mnt rw,relatime shared:1 - ext4 /dev/loop3 rw,data=journal": after " - "
+    // come the fstype, the source and the superblock options.
     const fields = line.split(" ");
     if (fields[2] !== `${major}:${minor}`) continue;
     const dash = fields.indexOf("-");
-    if (dash > 0) return fields[dash + 1];
+    if (dash < 0) continue;
+    return { type: fields[dash + 1] ?? "", options: (fields[dash + 3] ?? "").split(",") };
   }
   return undefined;
 }
@@ -233,6 +247,13 @@ export function logicalBlockSize(fd: number, object = `fd ${fd}`): number {
 export function physicalBlockSize(fd: number, object = `fd ${fd}`): number {
   const out = new Uint32Array(1);
   ioctl(fd, BLKPBSZGET, Deno.UnsafePointer.of(out), "BLKPBSZGET", object);
+  return out[0]!;
+}
+
+/** `FS_IOC_GETFLAGS`: the inode flags (`FS_*_FL`); throws on filesystems without it (ENOTTY). */
+export function inodeFlags(fd: number, object = `fd ${fd}`): number {
+  const out = new Uint32Array(2); // room for a long, in case a kernel ever writes one
+  ioctl(fd, FS_IOC_GETFLAGS, Deno.UnsafePointer.of(out), "FS_IOC_GETFLAGS", object);
   return out[0]!;
 }
 

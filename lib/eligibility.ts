@@ -12,8 +12,12 @@ import {
   backingDeviceOf,
   EXT4_SUPER_MAGIC,
   filesystemOf,
+  FS_COMPR_FL,
+  FS_ENCRYPT_FL,
+  FS_JOURNAL_DATA_FL,
   FS_XFLAG_REALTIME,
   fsxattrFlags,
+  inodeFlags,
   XFS_SUPER_MAGIC,
 } from "../ffi/blkdev.ts";
 import {
@@ -175,8 +179,38 @@ const NOT_ELIGIBLE: Record<string, string> = {
 };
 
 /**
+ * Why the bytes at the file's FIEMAP addresses are not simply the file's data, or could be
+ * rewritten behind our back — cases FIEMAP itself does not flag (ext4 reports fscrypt files and
+ * journaled data as plain extents).
+ */
+export function dataLayoutProblem(
+  filesystem: string,
+  mountOptions: string[],
+  flags: number,
+): string | undefined {
+  if (flags & FS_ENCRYPT_FL) {
+    return `${filesystem}: the file is encrypted (fscrypt): its blocks hold ciphertext`;
+  }
+  if (flags & FS_COMPR_FL) {
+    return `${filesystem}: the file is compressed: its blocks do not hold the data as is`;
+  }
+  // Journaled data is written twice, the journal copy first; a later checkpoint of an older
+  // transaction would overwrite a newer direct write. ext4 also ignores O_DIRECT for it.
+  if (mountOptions.includes("data=journal")) {
+    return `${filesystem} is mounted with data=journal: data goes through the journal, whose ` +
+      `checkpoints could overwrite direct writes`;
+  }
+  if (flags & FS_JOURNAL_DATA_FL) {
+    return `${filesystem}: the file has data journaling on (chattr +j): data goes through the ` +
+      `journal, whose checkpoints could overwrite direct writes`;
+  }
+  return undefined;
+}
+
+/**
  * May IO for the file `fd` (at `path`) go directly to its filesystem's block device? Only
- * ext2/3/4 and xfs (data device) files are eligible; the answer carries the device when found.
+ * ext2/3/4 and xfs (data device) files are eligible, and not when their data is encrypted,
+ * compressed or journaled; the answer carries the device when found.
  */
 export function filesystemEligibility(fd: number, path: string): Eligibility {
   const fs = filesystemOf(fd, path);
@@ -201,6 +235,10 @@ export function filesystemEligibility(fd: number, path: string): Eligibility {
       reason: "xfs realtime file: its extents are on the realtime device, not the data device",
       device,
     };
+  }
+  const fileProblem = dataLayoutProblem(fs.name, fs.options, inodeFlags(fd, path));
+  if (fileProblem !== undefined) {
+    return { eligible: false, filesystem: fs.name, reason: fileProblem, device };
   }
   if (device === undefined) {
     return { eligible: false, filesystem: fs.name, reason: deviceProblem };

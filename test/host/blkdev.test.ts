@@ -5,7 +5,8 @@
 import assert from "node:assert/strict";
 import { backingDeviceOf, filesystemOf } from "../../ffi/blkdev.ts";
 import { close, O_RDONLY, open } from "../../ffi/libc.ts";
-import { filesystemEligibility } from "../../lib/eligibility.ts";
+import { dataLayoutProblem, filesystemEligibility } from "../../lib/eligibility.ts";
+import { FS_COMPR_FL, FS_ENCRYPT_FL, FS_JOURNAL_DATA_FL } from "../../ffi/blkdev.ts";
 import { UserError } from "../../lib/errors.ts";
 import {
   type FsKind,
@@ -174,4 +175,58 @@ Deno.test({
       assert.equal(dataE.eligible, true, dataE.reason);
     });
   },
+});
+
+Deno.test({
+  name: "ext4 mounted with data=journal is not eligible; the same ext4 in ordered mode is",
+  ignore: !root,
+  async fn() {
+    for (const [options, eligible] of [[["data=journal"], false], [[], true]] as const) {
+      await withFilesystem("ext4", { mountOptions: [...options] }, async (fs) => {
+        const path = `${fs.dir}/file`;
+        await writeAt(path, 0, new Uint8Array(65536).fill(3));
+        const e = withFd(path, (fd) => filesystemEligibility(fd, path));
+        assert.equal(e.eligible, eligible, `${options}: ${e.reason}`);
+        if (!eligible) assert.match(e.reason ?? "", /mounted with data=journal/);
+        // findmnt agrees on what the superblock was mounted with.
+        assert.equal((await findmnt(fs.dir, "FS-OPTIONS")).includes("data=journal"), !eligible);
+      });
+    }
+  },
+});
+
+/** `chattr +j` needs CAP_SYS_RESOURCE (bit 24), which containers often drop even for root. */
+function hasCapSysResource(): boolean {
+  const status = Deno.readTextFileSync("/proc/self/status");
+  const eff = /^CapEff:\s*([0-9a-f]+)$/m.exec(status)?.[1];
+  return eff !== undefined && (BigInt(`0x${eff}`) & (1n << 24n)) !== 0n;
+}
+const canJournalData = root && hasCapSysResource() && await hasCommand("chattr");
+if (root && !canJournalData) console.log("skip: chattr +j needs CAP_SYS_RESOURCE and chattr");
+
+Deno.test({
+  name: "an ext4 file with data journaling (chattr +j) is not eligible; its neighbour is",
+  ignore: !canJournalData,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const journaled = `${fs.dir}/journaled`;
+      const plain = `${fs.dir}/plain`;
+      await writeAt(journaled, 0, new Uint8Array(65536).fill(4));
+      await writeAt(plain, 0, new Uint8Array(65536).fill(5));
+      await run("chattr", ["+j", journaled]);
+      assert.match((await run("lsattr", [journaled])).stdout, /j/);
+      const j = withFd(journaled, (fd) => filesystemEligibility(fd, journaled));
+      assert.equal(j.eligible, false);
+      assert.match(j.reason ?? "", /chattr \+j/);
+      assert.equal(withFd(plain, (fd) => filesystemEligibility(fd, plain)).eligible, true);
+    });
+  },
+});
+
+Deno.test("dataLayoutProblem() refuses encrypted, compressed and journaled data", () => {
+  assert.match(dataLayoutProblem("ext4", [], FS_ENCRYPT_FL) ?? "", /encrypted \(fscrypt\)/);
+  assert.match(dataLayoutProblem("ext4", [], FS_COMPR_FL) ?? "", /compressed/);
+  assert.match(dataLayoutProblem("ext4", [], FS_JOURNAL_DATA_FL) ?? "", /chattr \+j/);
+  assert.match(dataLayoutProblem("ext4", ["rw", "data=journal"], 0) ?? "", /data=journal/);
+  assert.equal(dataLayoutProblem("ext4", ["rw", "data=ordered"], 0x80000 /* extents */), undefined);
 });

@@ -72,6 +72,8 @@ export interface FsOptions {
   sectorSize?: number;
   /** xfs only: add a realtime device of this size (a second loop device). */
   xfsRealtimeMiB?: number;
+  /** `mount -o` options (e.g. `data=journal`). */
+  mountOptions?: string[];
 }
 
 /**
@@ -98,6 +100,7 @@ export async function withFilesystem<T>(
     if (opts.sectorSize) loArgs.push("--sector-size", String(opts.sectorSize));
     device = (await run("losetup", [...loArgs, image])).stdout.trim();
     const mountArgs: string[] = [];
+    const options = [...(opts.mountOptions ?? [])];
     if (kind === "ext4") {
       await run("mkfs.ext4", ["-q", "-F", "-b", "4096", ...(opts.mkfsArgs ?? []), device]);
     } else {
@@ -106,10 +109,11 @@ export async function withFilesystem<T>(
         await run("truncate", ["-s", `${opts.xfsRealtimeMiB}M`, `${work}/rt.img`]);
         rtDevice = (await run("losetup", ["--find", "--show", `${work}/rt.img`])).stdout.trim();
         rtArgs.push("-r", `rtdev=${rtDevice}`);
-        mountArgs.push("-o", `rtdev=${rtDevice}`);
+        options.push(`rtdev=${rtDevice}`);
       }
       await run("mkfs.xfs", ["-q", "-f", ...rtArgs, ...(opts.mkfsArgs ?? []), device]);
     }
+    if (options.length) mountArgs.push("-o", options.join(","));
     await run("mount", [...mountArgs, device, dir]);
     mounted = true;
     return await fn({ kind, device, dir, image, ...(rtDevice ? { rtDevice } : {}) });
