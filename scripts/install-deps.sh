@@ -8,10 +8,11 @@ set -euo pipefail
 # xfsprogs, util-linux, dmsetup, psmisc, coreutils, diffutils are the real tools copied into the VM
 # (and used by host tests); kmod gives depmod/modprobe; cpio, gzip, xz-utils build the initramfs and
 # unpack the kernel's modules; debian-archive-keyring verifies the trixie kernel packages; git lists
-# the project tree that goes into the VM.
+# the project tree that goes into the VM. gcc, libc6-dev and linux-libc-dev compile the ABI check
+# (scripts/abi/*.c, run by test/host/abi.test.ts) against the kernel UAPI headers.
 packages=(
   qemu-system-x86 busybox-static fio e2fsprogs xfsprogs util-linux kmod cpio gzip xz-utils
-  psmisc dmsetup coreutils diffutils debian-archive-keyring git
+  psmisc dmsetup coreutils diffutils debian-archive-keyring git gcc libc6-dev linux-libc-dev
 )
 
 check_only=0
