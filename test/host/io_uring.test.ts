@@ -743,3 +743,78 @@ Deno.test("IoUring.registerBuffers() failure is a SyscallError naming io_uring_r
       },
     );
   }));
+
+/**
+ * Makes `ring.fd` refer to an eventfd (dup2 over it), so the next io_uring_enter fails with
+ * EOPNOTSUPP, then checks that the SyscallError carries that errno. Returns the error's message.
+ */
+function enterFailureMessage(ring: IoUring): string {
+  const efd = eventfd(0, EFD_CLOEXEC);
+  try {
+    assert.equal(libc.dup2(efd, ring.fd), ring.fd);
+  } finally {
+    close(efd);
+  }
+  ring.prepNop(ring.getSqe(), 1);
+  try {
+    ring.submitAndWait(1);
+  } catch (e) {
+    assert.ok(e instanceof SyscallError);
+    assert.equal(e.syscall, "io_uring_enter");
+    assert.equal(e.errno, EOPNOTSUPP);
+    return e.message;
+  }
+  throw new Error("io_uring_enter on an eventfd did not fail");
+}
+
+Deno.test("IoUring io_uring_enter failure is a SyscallError with the errno of the failed call", () =>
+  ringFor(4, (ring) => {
+    assert.match(enterFailureMessage(ring), /^io_uring_enter ring fd \d+: EOPNOTSUPP/);
+  }));
+
+Deno.test("IoUring in a Worker (as the queues run) reads errno on the Worker's own thread", async () => {
+  const ffi = import.meta.resolve("../../ffi/io_uring.ts");
+  const errnoTs = import.meta.resolve("../../ffi/errno.ts");
+  const libcTs = import.meta.resolve("../../ffi/libc.ts");
+  // The worker repeats the main-thread check above; errno is thread-local, and libc.ts takes its
+  // address when the module loads, which a Worker does on its own thread.
+  const source = `
+    import { IoUring } from "${ffi}";
+    import { SyscallError } from "${errnoTs}";
+    import { close, eventfd, libc } from "${libcTs}";
+    const ring = IoUring.setup(4, { sqe128: true, cqe32: true });
+    let result;
+    try {
+      ring.prepNop(ring.getSqe(), 77);
+      ring.submitAndWait(1);
+      const got = [];
+      ring.reapCqes((u, r) => got.push([u, r]));
+      const efd = eventfd(0);
+      libc.dup2(efd, ring.fd);
+      close(efd);
+      ring.prepNop(ring.getSqe(), 1);
+      try {
+        ring.submitAndWait(1);
+        result = { got, error: null };
+      } catch (e) {
+        result = { got, error: e instanceof SyscallError ? [e.syscall, e.errno] : String(e) };
+      }
+    } finally {
+      ring.close();
+    }
+    self.postMessage(result);
+  `;
+  const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
+  const worker = new Worker(url, { type: "module" });
+  try {
+    const result = await new Promise<{ got: number[][]; error: unknown }>((resolve, reject) => {
+      worker.onmessage = (e) => resolve(e.data);
+      worker.onerror = (e) => reject(new Error(e.message));
+    });
+    assert.deepEqual(result.got, [[77, 0]]);
+    assert.deepEqual(result.error, ["io_uring_enter", EOPNOTSUPP]);
+  } finally {
+    worker.terminate();
+    URL.revokeObjectURL(url);
+  }
+});
