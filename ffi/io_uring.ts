@@ -26,7 +26,7 @@
 //! memory (`AlignedBuffer`) given to the kernel by address, never copied through JS. A negative CQE result is -errno for the caller to inspect (`errnoOfCqe`);
 //! only the io_uring syscalls themselves throw, as `SyscallError`.
 
-import { EINTR, SyscallError } from "./errno.ts";
+import { EBADF, EINTR, SyscallError } from "./errno.ts";
 import {
   AlignedBuffer,
   close as closeFd,
@@ -325,6 +325,9 @@ export class IoUring {
   readonly #scratch: AlignedBuffer;
   readonly #scratchView: DataView;
   #closed = false;
+  // submitAndWaitAsync calls blocked on a helper thread, and whether close() is waiting on them.
+  #asyncWaits = 0;
+  #releaseAfterWaits = false;
 
   private constructor(
     fd: number,
@@ -447,6 +450,7 @@ export class IoUring {
    * retry). The SQE reaches the kernel with the next submit call.
    */
   getSqe(): number {
+    if (this.#closed) this.#throwClosed("getSqe");
     // Without SQPOLL the kernel moves the SQ head only inside our own io_uring_enter; the
     // atomic load is for the SQPOLL case, where a kernel thread consumes concurrently.
     const head = Atomics.load(this.#sqRing, this.#sqHead);
@@ -460,31 +464,37 @@ export class IoUring {
 
   /** Free SQE slots (what `getSqe` can still hand out before a submit). */
   sqSpaceLeft(): number {
+    if (this.#closed) this.#throwClosed("sqSpaceLeft");
     return this.sqEntries - ((this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0);
   }
 
   /** SQEs prepared or published but not yet consumed by the kernel. */
   sqPending(): number {
+    if (this.#closed) this.#throwClosed("sqPending");
     return (this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0;
   }
 
   /** CQEs ready to reap. */
   cqReady(): number {
+    if (this.#closed) this.#throwClosed("cqReady");
     return (Atomics.load(this.#cqRing, this.#cqTail) - this.#cqHeadLocal) >>> 0;
   }
 
   /** The kernel's sq_ring->flags (IORING_SQ_*). */
   sqFlags(): number {
+    if (this.#closed) this.#throwClosed("sqFlags");
     return Atomics.load(this.#sqRing, this.#sqFlags);
   }
 
   /** CQEs the kernel could not post (kernels without IORING_FEAT_NODROP only). */
   cqOverflow(): number {
+    if (this.#closed) this.#throwClosed("cqOverflow");
     return Atomics.load(this.#cqRing, this.#cqOverflow);
   }
 
   /** SQEs the kernel dropped as invalid (e.g. an index out of range). */
   sqDropped(): number {
+    if (this.#closed) this.#throwClosed("sqDropped");
     return Atomics.load(this.#sqRing, this.#sqDropped);
   }
 
@@ -689,6 +699,7 @@ export class IoUring {
    * reports the count, not EINTR): callers loop on reapCqes, they never assume `waitNr` CQEs.
    */
   submitAndWait(waitNr: number): number {
+    if (this.#closed) this.#throwClosed("io_uring_enter");
     let toSubmit = this.#flushSq();
     // Completions the kernel parked for lack of CQ room, or deferred task work, are only
     // posted from inside io_uring_enter with GETEVENTS.
@@ -712,6 +723,7 @@ export class IoUring {
    * 5.11+). Returns the number of SQEs consumed; a timeout is not an error.
    */
   submitAndWaitTimeout(waitNr: number, timeoutNs: number): number {
+    if (this.#closed) this.#throwClosed("io_uring_enter");
     if (!(this.features & IORING_FEAT_EXT_ARG)) {
       throw new SyscallError("io_uring_enter", 95, "timed wait needs IORING_FEAT_EXT_ARG");
     }
@@ -750,18 +762,29 @@ export class IoUring {
    * synchronously without waiting: a lasting error recurs there and is thrown with its name.
    */
   async submitAndWaitAsync(waitNr: number): Promise<number> {
+    if (this.#closed) this.#throwClosed("io_uring_enter");
     let consumed = 0;
     for (;;) {
       this.enterCalls++;
-      const r = await libc.io_uring_enter_nonblocking(
-        SYS_ENTER_BIG,
-        this.fd,
-        this.#flushSq(),
-        waitNr,
-        IORING_ENTER_GETEVENTS,
-        null,
-        0n,
-      );
+      this.#asyncWaits++;
+      let r: number;
+      try {
+        r = await libc.io_uring_enter_nonblocking(
+          SYS_ENTER_BIG,
+          this.fd,
+          this.#flushSq(),
+          waitNr,
+          IORING_ENTER_GETEVENTS,
+          null,
+          0n,
+        );
+      } finally {
+        this.#asyncWaits--;
+      }
+      if (this.#closed) {
+        if (this.#releaseAfterWaits && this.#asyncWaits === 0) this.#release();
+        this.#throwClosed("io_uring_enter");
+      }
       if (r >= 0) return consumed + r;
       // A failed enter consumed nothing (the kernel reports a count instead of an error once it
       // has consumed any SQE). Retry without waiting, on this thread, where errno is readable.
@@ -779,6 +802,7 @@ export class IoUring {
    * callback throws, the remaining callbacks still run and the first error is rethrown after.
    */
   reapCqes(onCqe: CqeCallback): number {
+    if (this.#closed) this.#throwClosed("reapCqes");
     if (this.#reaping) throw new Error("IoUring.reapCqes called from one of its own callbacks");
     const head = this.#cqHeadLocal;
     // Acquire: the CQE contents are visible once the tail that covers them is.
@@ -818,6 +842,7 @@ export class IoUring {
   // ---- registration ----
 
   #register(op: number, arg: bigint, nr: number, what: string): number {
+    if (this.#closed) this.#throwClosed("io_uring_register");
     for (;;) {
       const r = rawSyscall(SYS_io_uring_register, BigInt(this.fd), BigInt(op), arg, BigInt(nr));
       if (r >= 0) return r;
@@ -898,10 +923,35 @@ export class IoUring {
     }
   }
 
-  /** Unmaps the rings and closes the ring fd; in-flight requests are cancelled by the kernel. */
+  /**
+   * Unmaps the rings and closes the ring fd; in-flight requests are cancelled by the kernel.
+   * Every later call throws EBADF (instead of touching unmapped memory). A `submitAndWaitAsync`
+   * still blocked in the kernel is woken with NOPs and rejects; the ring is released then.
+   */
   close(): void {
     if (this.#closed) return;
+    if (this.#asyncWaits > 0) {
+      // The helper thread waits for CQEs: give it some, and unmap only once it has returned,
+      // since it is still inside io_uring_enter on this ring.
+      for (let i = 0; i < this.cqEntries; i++) {
+        const sqe = this.getSqe();
+        if (sqe < 0) break;
+        this.prepNop(sqe, 0);
+      }
+      this.submit();
+      this.#closed = true;
+      this.#releaseAfterWaits = true;
+      return;
+    }
     this.#closed = true;
+    this.#release();
+  }
+
+  #throwClosed(what: string): never {
+    throw new SyscallError(what, EBADF, `ring fd ${this.fd} (closed)`);
+  }
+
+  #release(): void {
     for (const [p, bytes] of this.#maps) munmap(p, bytes);
     this.#maps.length = 0;
     closeFd(this.fd);

@@ -818,3 +818,26 @@ Deno.test("IoUring in a Worker (as the queues run) reads errno on the Worker's o
     URL.revokeObjectURL(url);
   }
 });
+
+Deno.test("IoUring.close() wakes a pending submitAndWaitAsync, which rejects; later calls throw", async () => {
+  const ring = IoUring.setup(4);
+  const efd = eventfd(0, EFD_CLOEXEC);
+  const buf = new AlignedBuffer(4096);
+  const fdPath = `/proc/self/fd/${ring.fd}`;
+  try {
+    ring.prepReadEventfd(ring.getSqe(), efd, buf.address, 1); // never written: would wait forever
+    const waiting = ring.submitAndWaitAsync(1);
+    await new Promise((r) => setTimeout(r, 20));
+    ring.close();
+    await assert.rejects(waiting, { name: "SyscallError", errno: EBADF });
+    // Released once the helper thread returned: the ring fd is gone.
+    assert.throws(() => Deno.statSync(fdPath), Deno.errors.NotFound);
+    for (const call of [() => ring.getSqe(), () => ring.submit(), () => ring.reapCqes(() => {})]) {
+      assert.throws(call, { name: "SyscallError", errno: EBADF });
+    }
+  } finally {
+    ring.close();
+    buf.free();
+    close(efd);
+  }
+});
