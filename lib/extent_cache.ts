@@ -109,6 +109,8 @@ export class ExtentCache {
   #dirBuckets = 0;
   #bucketBytes = 1;
   #dirDirty = true;
+  /** Lookups served by plain binary search since the directory went stale. */
+  #staleLookups = 0;
 
   #hits = 0;
   #misses = 0;
@@ -243,7 +245,13 @@ export class ExtentCache {
   /** `#search` through the bucket directory (the hit path). */
   #find(offset: number): number {
     if (this.#count < DIRECTORY_MIN_SEGMENTS) return this.#search(offset);
-    if (this.#dirDirty) this.#rebuildDirectory();
+    if (this.#dirDirty) {
+      // A rebuild costs O(count); a stale lookup a few hundred ns more than a fresh one. Rebuild
+      // only once enough lookups have come to pay for it, so a burst of misses and invalidations
+      // (writes into holes) does not rebuild after every one (ski rental).
+      if (++this.#staleLookups < this.#count >>> 5) return this.#search(offset);
+      this.#rebuildDirectory();
+    }
     const b = Math.floor(offset / this.#bucketBytes);
     if (!(b < this.#dirBuckets)) return this.#search(offset);
     const dir = this.#dir;
@@ -261,6 +269,7 @@ export class ExtentCache {
 
   #rebuildDirectory(): void {
     this.#dirDirty = false;
+    this.#staleLookups = 0;
     const count = this.#count;
     const covered = Math.max(this.#fileSizeBytes, count > 0 ? this.#start[count - 1]! : 0);
     // About one bucket per segment, a power of two bytes wide (at least 4 KiB).
