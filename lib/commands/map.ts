@@ -48,6 +48,8 @@ Options:
                             "via-file"), read ("direct" | "zeros" | "file"),
                             write ("direct" | "file"), reason (short name or ""),
                             reasonText }],
+                holes: [{ logicalBytes, lengthBytes }] (ranges no extent covers, within
+                        the file: read as zeros, written through the file),
                 summary: { directBytes, unwrittenBytes, holeBytes, viaFileBytes,
                            fastPathBytes (read and written directly), fastPathShare (0..1) }
                 (byte counts cover [0, sizeBytes); extents past the end are listed, not counted)
@@ -89,6 +91,8 @@ export interface MapReport {
     physicalBlockSize: number;
   } | null;
   extents: MapExtent[];
+  /** Ranges of the file no extent covers: read as zeros, written through the file. */
+  holes: { logicalBytes: number; lengthBytes: number }[];
   summary: {
     directBytes: number;
     unwrittenBytes: number;
@@ -224,6 +228,15 @@ function buildReport(
     };
   });
   summary.holeBytes = Math.max(0, sizeBytes - mappedBytes);
+  const holes: MapReport["holes"] = [];
+  let cursor = 0;
+  for (const e of fiemapExtents) {
+    if (e.logical > cursor && cursor < sizeBytes) {
+      holes.push({ logicalBytes: cursor, lengthBytes: Math.min(e.logical, sizeBytes) - cursor });
+    }
+    cursor = Math.max(cursor, e.logical + e.length);
+  }
+  if (cursor < sizeBytes) holes.push({ logicalBytes: cursor, lengthBytes: sizeBytes - cursor });
   summary.fastPathBytes = summary.directBytes;
   summary.fastPathShare = sizeBytes > 0 ? summary.directBytes / sizeBytes : 0;
   return {
@@ -245,6 +258,7 @@ function buildReport(
       }
       : null,
     extents,
+    holes,
     summary,
   };
 }
@@ -296,7 +310,10 @@ export function formatReport(r: MapReport): string {
   }
   const s = r.summary;
   const pct = (n: number) => r.sizeBytes > 0 ? `${((100 * n) / r.sizeBytes).toFixed(1)}%` : "0%";
-  lines.push(`${r.extents.length} extent${r.extents.length === 1 ? "" : "s"}.`);
+  lines.push(
+    `${r.extents.length} extent${r.extents.length === 1 ? "" : "s"}, ${r.holes.length} ` +
+      `hole${r.holes.length === 1 ? "" : "s"}.`,
+  );
   lines.push(
     `Fast path: ${pct(s.fastPathBytes)} of the file (${s.fastPathBytes} bytes read and written ` +
       `directly)`,

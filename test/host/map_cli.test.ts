@@ -82,6 +82,21 @@ for (const kind of ["ext4", "xfs"] as FsKind[]) {
             }
           });
           assert.equal(report.summary.directBytes, written, `${s.name}: direct bytes`);
+          // Holes: exactly the file's bytes that no filefrag extent covers.
+          const covered = new Uint8Array(ff.sizeBytes);
+          for (const f of ff.extents) {
+            covered.fill(
+              1,
+              f.logicalBlock * ff.blockSize,
+              (f.logicalBlock + f.lengthBlocks) * ff.blockSize,
+            );
+          }
+          const inHole = new Uint8Array(ff.sizeBytes);
+          for (const h of report.holes) {
+            inHole.fill(1, h.logicalBytes, h.logicalBytes + h.lengthBytes);
+          }
+          assert.ok(covered.every((c, i) => c !== inHole[i]), `${s.name}: holes vs filefrag`);
+          assert.equal(report.summary.holeBytes, inHole.reduce((a, b) => a + b, 0));
           assert.equal(report.summary.unwrittenBytes, unwritten, `${s.name}: unwritten bytes`);
           assert.equal(report.summary.fastPathShare, written / ff.sizeBytes);
           if (s.name === "reflinked") {
