@@ -81,9 +81,22 @@ async function withExt4(fn: (fs: Ext4) => Promise<void> | void): Promise<void> {
     mounted = true;
     await fn({ dir, loopDev });
   } finally {
-    if (mounted) run("umount", dir);
+    if (mounted) await umountPatiently(dir);
     if (loopDev) run("losetup", "-d", loopDev);
     await Deno.remove(root, { recursive: true });
+  }
+}
+
+/** umount; a closed ring drops its file references from a kernel work item a moment later. */
+async function umountPatiently(dir: string): Promise<void> {
+  for (let attempt = 0;; attempt++) {
+    try {
+      run("umount", dir);
+      return;
+    } catch (e) {
+      if (attempt >= 50) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 }
 
@@ -134,12 +147,16 @@ interface Cqe {
   flags: number;
 }
 
-/** Submits what is prepared, waits for `n` completions and returns them (test helper). */
+/**
+ * Submits what is prepared, waits for `n` completions and returns them (test helper). Gives up
+ * after 10 s without progress, so a broken ring fails the test instead of hanging it.
+ */
 function waitCqes(ring: IoUring, n: number): Cqe[] {
   const cqes: Cqe[] = [];
   while (cqes.length < n) {
-    ring.submitAndWait(n - cqes.length);
-    ring.reapCqes((userData, res, flags) => cqes.push({ userData, res, flags }));
+    ring.submitAndWaitTimeout(n - cqes.length, 10e9);
+    const got = ring.reapCqes((userData, res, flags) => cqes.push({ userData, res, flags }));
+    if (got === 0) assert.fail(`no completion within 10 s (${cqes.length} of ${n} arrived)`);
   }
   return cqes;
 }
@@ -255,6 +272,39 @@ Deno.test(
     assert.equal(seen.size, 1000);
   }),
 );
+
+Deno.test("IoUring.getSqe() hands out a zeroed slot: no flag leaks into the next SQE", () =>
+  withExt4((fs) =>
+    ringFor(1, async (ring) => {
+      assert.equal(ring.sqEntries, 1); // every SQE reuses slot 0
+      const content = randomBytes(8192);
+      await Deno.writeFile(`${fs.dir}/a`, content.subarray(0, 4096));
+      await Deno.writeFile(`${fs.dir}/b`, content.subarray(4096));
+      const a = open(`${fs.dir}/a`, O_RDONLY);
+      const b = open(`${fs.dir}/b`, O_RDONLY);
+      const buf = new AlignedBuffer(8192);
+      try {
+        ring.registerFiles([a]);
+        let sqe = ring.getSqe();
+        ring.prepRead(sqe, 0, buf.address, 4096, 0, 1, RWF_DSYNC);
+        ring.setSqeFlags(sqe, IOSQE_FIXED_FILE);
+        ring.sqeView.setUint16(sqe + 40, 3, true); // a stray buf_index, too
+        assert.equal(waitCqes(ring, 1)[0]?.res, 4096);
+        // The same slot, a plain fd: a leftover FIXED_FILE flag would make the kernel take fd b
+        // as an index into the one-entry file table and fail.
+        sqe = ring.getSqe();
+        assert.equal(sqe, 0);
+        ring.prepRead(sqe, b, buf.address + 4096n, 4096, 0, 2);
+        assert.equal(waitCqes(ring, 1)[0]?.res, 4096);
+        assertSameBytes(buf.bytes.subarray(0, 8192), content, "both reads");
+        ring.unregisterFiles();
+      } finally {
+        close(a);
+        close(b);
+        buf.free();
+      }
+    })
+  ));
 
 Deno.test(
   "IoUring submits a batch of 32 SQEs in one io_uring_enter",
