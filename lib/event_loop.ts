@@ -898,9 +898,21 @@ export function runQueue(
     ring.submit();
     Atomics.store(ctrl, CTRL_STATE, QueueState.fetching);
     onFetching();
+    const profile = Deno.env.get("FASTLOOP_LOOP_STATS") === "1";
+    let turns = 0, cqes = 0, enterMs = 0, jsMs = 0, restMs = 0, t0 = 0, t1 = 0;
     for (;;) {
+      if (profile) t0 = performance.now();
       ring.submitAndWait(1);
-      ring.reapCqes(onCqe);
+      if (profile) t1 = performance.now();
+      const n = ring.reapCqes(onCqe);
+      if (profile) {
+        const t2 = performance.now();
+        turns++;
+        cqes += n;
+        enterMs += t1 - t0;
+        jsMs += t2 - t1;
+        t0 = t2;
+      }
       engine.applyInvalidations();
       engine.runDeferred();
       if (modeAckSeq !== 0 && engine.drainedFor(modeWanted)) {
@@ -908,10 +920,17 @@ export function runQueue(
         modeAckSeq = 0;
       }
       engine.publishStats();
+      if (profile) restMs += performance.now() - t0;
       if (quit) break;
       if (aborted === cfg.depth && engine.backendInflight === 0) break;
     }
     Atomics.store(ctrl, CTRL_STATE, QueueState.exited);
+    if (profile) {
+      console.error(
+        `queue ${cfg.queueId}: ${turns} turns, ${cqes} CQEs, ${enterMs.toFixed(0)} ms in ` +
+          `io_uring_enter, ${jsMs.toFixed(0)} ms dispatching, ${restMs.toFixed(0)} ms after`,
+      );
+    }
   } catch (e) {
     Atomics.store(ctrl, CTRL_STATE, QueueState.failed);
     throw e;
