@@ -7,7 +7,7 @@
 //! record. A record names its server by pid *and* start time, so a recycled pid is not taken for
 //! a live server: such a record is "stale" and `detach` cleans it up.
 
-import { SyscallError } from "../ffi/errno.ts";
+import { ENODEV, SyscallError } from "../ffi/errno.ts";
 import { close, fstat, O_PATH, open } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
 
@@ -45,11 +45,11 @@ export interface DeviceRecord {
     dev: string;
     ino: string;
   };
-  server: {
-    pid: number;
-    /** Field 22 of /proc/PID/stat (clock ticks since boot): tells a live server from a reused pid. */
-    startTicks: number;
-  };
+  server: ProcessRef;
+  /** The process that restarts the server when it dies (absent for an unsupervised server). */
+  supervisor?: ProcessRef;
+  /** Set by the supervisor when it gave up (crash loop): the device is gone, IO failed. */
+  failure?: { at: string; reason: string };
   startedAt: string;
   logPath: string;
   socketPath: string;
@@ -61,10 +61,28 @@ export interface DeviceRecord {
   };
 }
 
-/** A record and whether the server it names is still running. */
+/** A process named by pid and start time. */
+export interface ProcessRef {
+  pid: number;
+  /** Field 22 of /proc/PID/stat (clock ticks since boot): tells a live process from a reused pid. */
+  startTicks: number;
+}
+
+/** A record and whether the processes it names are still running. */
 export interface RegistryEntry {
   record: DeviceRecord;
+  /** The server is running. */
   alive: boolean;
+  /** The supervisor is running (it may be restarting a dead server). */
+  supervisorAlive: boolean;
+}
+
+function entryOf(record: DeviceRecord): RegistryEntry {
+  return {
+    record,
+    alive: processAlive(record.server),
+    supervisorAlive: record.supervisor !== undefined && processAlive(record.supervisor),
+  };
 }
 
 /** Creates the state directories, root-only, and tightens them if they already existed. */
@@ -133,7 +151,7 @@ export function listRecords(): RegistryEntry[] {
     const m = /^ublkb([0-9]+)\.json$/.exec(entry.name);
     if (!m || !entry.isFile) continue;
     const record = readRecord(Number(m[1]));
-    if (record) entries.push({ record, alive: processAlive(record.server) });
+    if (record) entries.push(entryOf(record));
   }
   return entries.sort((a, b) => a.record.id - b.record.id);
 }
@@ -155,7 +173,7 @@ export function processStartTicks(pid: number): number | null {
 }
 
 /** True when the process is running and is the same one (not a reused pid). */
-export function processAlive(server: { pid: number; startTicks: number }): boolean {
+export function processAlive(server: ProcessRef): boolean {
   return server.pid > 0 && processStartTicks(server.pid) === server.startTicks;
 }
 
@@ -199,7 +217,7 @@ export function resolve(ref: string): RegistryEntry {
   const id = parseDeviceRef(ref);
   if (id !== null) {
     const record = readRecord(id);
-    if (record) return { record, alive: processAlive(record.server) };
+    if (record) return entryOf(record);
     // `N` could also be a file named N in the current directory.
     if (ref.startsWith("/dev/") || ref.startsWith("ublkb") || !exists(ref)) {
       throw new UserError(`${ref} is not attached by fastloop`, ExitCode.notAttached);
@@ -338,4 +356,66 @@ function concat(chunks: Uint8Array[]): Uint8Array {
     at += c.length;
   }
   return out;
+}
+
+/**
+ * Removes what a dead server left: its ublk device (stopped and deleted, unless the id now
+ * belongs to another live server) and its record. Its file lock and lease died with it.
+ */
+export async function cleanupDeadDevice(record: DeviceRecord): Promise<void> {
+  // Loaded only here: stat and most of detach never need the ublk control code.
+  const { UblkControl } = await import("./ublk_control.ts");
+  let ctrl;
+  try {
+    ctrl = UblkControl.open();
+  } catch (e) {
+    // No ublk here: there can be no device left either.
+    if (e instanceof UserError && e.exitCode === ExitCode.unsupported) {
+      removeRecord(record.id);
+      return;
+    }
+    throw e;
+  }
+  try {
+    await deleteDevice(ctrl, record);
+  } finally {
+    ctrl.close();
+  }
+  removeRecord(record.id);
+}
+
+/** STOP_DEV + DEL_DEV of a record's device, unless absent or now served by another process. */
+export async function deleteDevice(
+  ctrl: {
+    getDeviceInfo(id: number): Promise<{ ublksrvPid: number }>;
+    stopDevice(id: number): Promise<void>;
+    deleteDevice(id: number): Promise<void>;
+  },
+  record: DeviceRecord,
+): Promise<void> {
+  let info;
+  try {
+    info = await ctrl.getDeviceInfo(record.id);
+  } catch (e) {
+    if (e instanceof SyscallError && e.errno === ENODEV) return;
+    throw e;
+  }
+  const ownedByOther = info.ublksrvPid > 0 && info.ublksrvPid !== record.server.pid &&
+    info.ublksrvPid !== record.supervisor?.pid && pidRunning(info.ublksrvPid);
+  if (ownedByOther) return;
+  try {
+    await ctrl.stopDevice(record.id);
+  } catch {
+    // Already stopped (a dead, non-recoverable server's device is); DEL_DEV still works.
+  }
+  await ctrl.deleteDevice(record.id);
+}
+
+function pidRunning(pid: number): boolean {
+  try {
+    Deno.statSync(`/proc/${pid}`);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -45,14 +45,18 @@ import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
 import type { Device } from "./device.ts";
 import {
+  cleanupDeadDevice,
+  deleteDevice,
   type DeviceRecord,
   FileClaim,
   findByFile,
   processStartTicks,
+  readRecord,
   removeRecord,
   socketPath,
   writeRecord,
 } from "./registry.ts";
+import { selfCommand } from "./self_exec.ts";
 import { fileInUseError } from "./validate.ts";
 
 export interface ServerOptions {
@@ -66,6 +70,10 @@ export interface ServerOptions {
   /** st_dev/st_ino `attach` validated: the server refuses a file swapped in since. */
   expectDev?: string;
   expectIno?: string;
+  /** Started by a supervisor (`runSupervisor`), which the record then names. */
+  supervised?: boolean;
+  /** Take over this device, whose previous server died (ublk user recovery). */
+  recoverDeviceId?: number;
 }
 
 /** The device's IO mode as the server drives it (`read-direct`: direct reads, writes via file). */
@@ -165,9 +173,10 @@ class Server {
   /** Runs start-up; returns the exit code the process should end with once `done` resolves. */
   async start(): Promise<void> {
     this.#logFd = openLog(this.#opts.logPath);
-    // `attach` spawned us detached already; a new session makes sure no terminal's hang-up or
-    // job-control signal reaches the server. EPERM (already a session leader) is fine.
-    libc.setsid();
+    // A new session keeps a terminal's hang-up and job-control signals away. A supervised
+    // server stays in its supervisor's session and process group instead, so that one kill of
+    // the group (attach's last resort) ends both.
+    if (!this.#opts.supervised) libc.setsid();
     log(
       `starting for ${this.#opts.filePath} (${this.#opts.readOnly ? "read-only" : "read-write"}, ` +
         `${this.#opts.queues} queue(s) x depth ${this.#opts.depth})`,
@@ -264,18 +273,23 @@ class Server {
     const stopListening = onLeaseBreak(fd, (to) => this.#onLeaseBreak(to), o.filePath);
     this.#pushUndo("remove the lease-break listener", stopListening);
     const want = o.readOnly ? "read" : "write";
+    let leased = true;
     try {
       setLease(fd, want, o.filePath);
     } catch (e) {
-      if (e instanceof LeaseRefusedError) throw fileInUseError(o.filePath);
-      throw e;
+      if (!(e instanceof LeaseRefusedError)) throw e;
+      // A new attach must not share the file; a recovery must not leave the device without a
+      // server: it starts on the safe path and takes the lease when it can.
+      if (o.recoverDeviceId === undefined) throw fileInUseError(o.filePath);
+      leased = false;
+      log("recovering without the lease (the file is open elsewhere): file mode until it is free");
     }
-    this.#lease = want;
+    this.#lease = leased ? want : "none";
     this.#pushUndo("release the lease", () => {
       if (this.#lease !== "none") setLease(fd, "unlock", o.filePath);
       this.#lease = "none";
     });
-    log(`${want} lease taken`);
+    if (leased) log(`${want} lease taken`);
 
     // 4. ublk itself: checked before the filesystem so a host without it fails fast and clearly.
     try {
@@ -331,9 +345,11 @@ class Server {
       maxIoBytes: o.maxIoBytes,
       mode: startMode,
       recoverable: o.recoverable,
+      recoverDeviceId: o.recoverDeviceId,
     });
     this.#device = device;
     this.#mode = startMode;
+    if (!leased) this.#scheduleRetry();
     if (startMode === "fast" && this.#lease !== want) {
       // The lease broke while the device was being created: no direct IO without it.
       await device.setMode("file");
@@ -343,7 +359,10 @@ class Server {
       await device.stop();
       await device.delete();
     });
-    log(`device ${device.blockPath} live (id ${device.id})`);
+    log(
+      `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
+        `(id ${device.id})`,
+    );
 
     // 7. The control socket, then the record that points at it.
     const sock = socketPath(device.id);
@@ -371,6 +390,9 @@ class Server {
       charPath: device.charPath,
       file: { path: o.filePath, dev: identity.dev, ino: identity.ino },
       server: { pid: Deno.pid, startTicks: processStartTicks(Deno.pid) ?? 0 },
+      supervisor: o.supervised
+        ? { pid: Deno.ppid, startTicks: processStartTicks(Deno.ppid) ?? 0 }
+        : undefined,
       startedAt: this.#startedAt,
       logPath: o.logPath,
       socketPath: sock,
@@ -434,6 +456,7 @@ class Server {
   // --- lease breaks -------------------------------------------------------------------------
 
   #onLeaseBreak(to: "read" | "none"): void {
+    const brokeAt = performance.now();
     this.#leaseBreaks++;
     const opener = to === "read" ? "a reader" : "a writer or truncate";
     log(`lease break: ${opener} opened ${this.#opts.filePath}`);
@@ -447,7 +470,11 @@ class Server {
       await this.#setMode("file", this.#lease, `${opener} opened the file`);
       setLease(fd, "unlock", path);
       this.#lease = "none";
-      log("lease released; serving through the file");
+      // The opener has been waiting since the break: this is its delay (issue 5 wants ms).
+      log(
+        `lease released ${(performance.now() - brokeAt).toFixed(1)} ms after the break; ` +
+          "serving through the file",
+      );
       this.#scheduleRetry();
     });
   }
@@ -462,13 +489,6 @@ class Server {
         const want = this.#opts.readOnly ? "read" : "write";
         const fd = this.#fileFd;
         if (this.#lease === want) return;
-        // From a read lease (read-direct) to a write lease: release first, the kernel does not
-        // upgrade. A writer could slip in between; then the try below simply fails.
-        if (this.#lease === "read" && want === "write") {
-          await this.#setMode("file", "read", "upgrading the lease");
-          setLease(fd, "unlock", this.#opts.filePath);
-          this.#lease = "none";
-        }
         if (trySetLease(fd, want, this.#opts.filePath)) {
           this.#lease = want;
           this.#leaseRegains++;
@@ -615,4 +635,165 @@ export async function runServer(opts: ServerOptions): Promise<number> {
   });
   await server.start();
   return await server.done;
+}
+
+// --- supervisor -------------------------------------------------------------------------------
+
+/** Crash-loop bound: this many server deaths within the window and the supervisor gives up. */
+const CRASH_LIMIT = 5;
+const CRASH_WINDOW_MS = 60_000;
+/** A recovering server must report within this (it waits for the dead one's rings to go). */
+const RESTART_READY_TIMEOUT_MS = 120_000;
+
+export interface SupervisorOptions {
+  logPath: string;
+  /** `__server FILE ...` arguments for each server it starts. */
+  serverArgs: string[];
+  recoverable: boolean;
+}
+
+/**
+ * The process `attach` leaves behind: it runs the server as its child and, when the server dies
+ * (kill -9, OOM, a bug), starts a new one that takes the device over through ublk user recovery,
+ * so IO waits instead of failing. It holds no file, lease or device itself and does no IO — it
+ * cannot hang the device; its whole job is this loop. A server exiting 0 (detached) ends it;
+ * SIGTERM/SIGINT/SIGHUP are passed to the server (detach). After `CRASH_LIMIT` deaths within
+ * `CRASH_WINDOW_MS` it deletes the device (IO fails cleanly) and marks the record failed.
+ */
+export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
+  const logFd = openLog(opts.logPath);
+  libc.setsid();
+  const say = (m: string) => log(`supervisor: ${m}`);
+  let child: Deno.ChildProcess | null = null;
+  let stopping: string | null = null;
+  for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
+    Deno.addSignalListener(signal, () => {
+      stopping ??= signal;
+      say(`${signal}: passing it to the server`);
+      try {
+        child?.kill("SIGTERM");
+      } catch {
+        // Between two servers: the loop sees `stopping`.
+      }
+    });
+  }
+  let deviceId: number | null = null;
+  let reported = false;
+  const deaths: number[] = [];
+  let diedAt = 0;
+  for (;;) {
+    const args = [...opts.serverArgs, "--supervised"];
+    if (deviceId !== null) args.push("--recover", String(deviceId));
+    const [program, ...rest] = selfCommand(args);
+    child = new Deno.Command(program!, {
+      args: rest,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "inherit", // our stderr is the log already
+    }).spawn();
+    say(
+      `server started (pid ${child.pid}${
+        deviceId !== null ? `, recovering ublkb${deviceId}` : ""
+      })`,
+    );
+    const line = await readFirstLine(child.stdout, reported ? RESTART_READY_TIMEOUT_MS : 0);
+    let reply: Record<string, unknown> | null = null;
+    try {
+      reply = line === null ? null : JSON.parse(line);
+    } catch {
+      reply = null;
+    }
+    if (!reported) {
+      // The first answer is attach's: pass it on, whatever it is, then stdout joins the log.
+      reported = true;
+      writeReadiness(
+        reply ?? { ok: false, error: "The server exited before reporting", exitCode: 1 },
+        logFd,
+      );
+      if (reply?.["ok"] !== true) {
+        const status = await child.status;
+        return status.success ? ExitCode.failure : (status.code || ExitCode.failure);
+      }
+    }
+    if (reply?.["ok"] === true && typeof reply["id"] === "number") {
+      deviceId = reply["id"];
+      if (diedAt > 0) say(`ublkb${deviceId} recovered in ${Date.now() - diedAt} ms`);
+    } else if (line === null && !stopping) {
+      say("the new server did not report in time; stopping it");
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // Already gone.
+      }
+    }
+    const status = await child.status;
+    child = null;
+    if (status.success) {
+      say("server exited after detaching; done");
+      return ExitCode.ok;
+    }
+    const how = status.signal ? `signal ${status.signal}` : `exit status ${status.code}`;
+    diedAt = Date.now();
+    say(`server died (${how})`);
+    const record = deviceId === null ? null : readRecord(deviceId);
+    if (stopping || !opts.recoverable || record === null) {
+      const why = stopping
+        ? `${stopping} during recovery`
+        : !opts.recoverable
+        ? "the device is not recoverable (--no-recover)"
+        : "no device to recover";
+      say(`not restarting: ${why}; removing the device`);
+      if (record) await cleanupDeadDevice(record).catch((e) => say(`cleanup failed: ${e}`));
+      return stopping ? ExitCode.ok : ExitCode.failure;
+    }
+    deaths.push(diedAt);
+    while (deaths.length > 0 && deaths[0]! < diedAt - CRASH_WINDOW_MS) deaths.shift();
+    if (deaths.length >= CRASH_LIMIT) {
+      const reason = `server died ${deaths.length} times within ${CRASH_WINDOW_MS / 1000} s ` +
+        `(last: ${how}); gave up, device deleted; see ${opts.logPath}`;
+      say(reason);
+      const { UblkControl } = await import("./ublk_control.ts");
+      try {
+        const ctrl = UblkControl.open();
+        try {
+          await deleteDevice(ctrl, record);
+        } finally {
+          ctrl.close();
+        }
+      } catch (e) {
+        say(`deleting the device failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+      // The record stays, marked: `stat` shows why, `detach` removes it.
+      writeRecord({ ...record, failure: { at: new Date().toISOString(), reason } });
+      return ExitCode.failure;
+    }
+    // A short pause so a server that dies at once does not spin; doubling per recent death.
+    await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** (deaths.length - 1), 2000)));
+  }
+}
+
+/** The first line of a child's stdout, or null at EOF or after `timeoutMs` (0: no timeout). */
+async function readFirstLine(
+  stream: ReadableStream<Uint8Array>,
+  timeoutMs: number,
+): Promise<string | null> {
+  const reader = stream.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((r) => {
+    if (timeoutMs > 0) timer = setTimeout(() => r("timeout"), timeoutMs);
+  });
+  try {
+    for (;;) {
+      const next = await Promise.race([reader.read(), timeout]);
+      if (next === "timeout" || next.done) return null;
+      text += decoder.decode(next.value, { stream: true });
+      const nl = text.indexOf("\n");
+      if (nl >= 0) return text.slice(0, nl);
+    }
+  } finally {
+    clearTimeout(timer);
+    await reader.cancel().catch(() => {});
+  }
 }

@@ -7,9 +7,10 @@
 //! server outlives it. The server undoes its own half-made start-up before it reports a failure;
 //! if it never reports, `attach` kills it and removes whatever it left.
 
+import { libc } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
-import { ensureRunDir, listRecords, logDir } from "../registry.ts";
+import { cleanupDeadDevice, ensureRunDir, listRecords, logDir } from "../registry.ts";
 import { selfCommand } from "../self_exec.ts";
 import {
   DEPTH_DEFAULT,
@@ -21,7 +22,8 @@ import {
   requireRoot,
   validateAttachFile,
 } from "../validate.ts";
-import { cleanupDeadDevice } from "./detach.ts";
+
+const SIGKILL = 9;
 
 /** How long a server may take to bring a device up (Deno start-up under TCG is seconds). */
 const READY_TIMEOUT_MS_DEFAULT = 60_000;
@@ -81,8 +83,10 @@ export const command: Command = {
 
     ensureRunDir();
     const logPath = `${logDir()}/${logName(target.path)}`;
+    // attach leaves the supervisor behind, which runs the server (lib/server.ts).
     const serverArgs = [
       "__server",
+      "--supervise",
       target.path,
       "--log",
       logPath,
@@ -137,7 +141,9 @@ export const command: Command = {
     // No readiness line: the server died or hung. Make sure it is gone, then remove leftovers.
     const status = await killAndReap(child);
     for (const { record } of listRecords()) {
-      if (record.server.pid === child.pid) await cleanupDeadDevice(record);
+      if (record.supervisor?.pid === child.pid || record.server.pid === child.pid) {
+        await cleanupDeadDevice(record);
+      }
     }
     const detail = lastLine(ready.stderr) || lastLine(readLog(logPath));
     const what = ready.kind === "timeout"
@@ -256,11 +262,9 @@ async function killAndReap(child: Deno.ChildProcess): Promise<string> {
   }
   const status = await waitExit(child, 10_000);
   if (status !== null) return status;
-  try {
-    child.kill("SIGKILL");
-  } catch {
-    // Exited at the last moment.
-  }
+  // The supervisor leads its own process group (setsid) and its server stays in it: one kill
+  // of the group ends both.
+  libc.kill(-child.pid, SIGKILL);
   return (await waitExit(child, 5_000)) ?? "unkillable";
 }
 

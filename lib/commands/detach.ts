@@ -3,18 +3,19 @@
 //! (mounted, held exclusively, open by a process) is refused unless `--force`. A device whose
 //! server is dead is cleaned up here directly: DEL_DEV through `/dev/ublk-control`, record removed.
 
-import { EBUSY, ENODEV, SyscallError } from "../../ffi/errno.ts";
+import { EBUSY, SyscallError } from "../../ffi/errno.ts";
 import { close, O_EXCL, O_RDONLY, open } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
 import {
+  cleanupDeadDevice,
   controlRequest,
   type DeviceRecord,
   listRecords,
   processAlive,
+  type ProcessRef,
   readRecord,
   type RegistryEntry,
-  removeRecord,
   resolve,
 } from "../registry.ts";
 import { blockDeviceNumbers, mountPointsOf, processesUsing, requireRoot } from "../validate.ts";
@@ -89,41 +90,49 @@ export const command: Command = {
 /** Detaches one device, through its server if it lives, directly if not. */
 export async function detachEntry(entry: RegistryEntry, force: boolean): Promise<void> {
   const record = entry.record;
-  if (!entry.alive) {
+  if (!entry.alive && !entry.supervisorAlive) {
     await cleanupDeadDevice(record);
     return;
   }
   if (!force) ensureNotBusy(record);
   let asked = false;
-  try {
-    const reply = await controlRequest(
-      record.socketPath,
-      { cmd: "detach", force },
-      DETACH_TIMEOUT_MS,
-    );
-    if (!reply.ok) {
-      throw new UserError(
-        `${record.blockPath}: the server refused to detach: ${reply.error ?? "no reason given"}`,
-        ExitCode.failure,
+  if (entry.alive) {
+    try {
+      const reply = await controlRequest(
+        record.socketPath,
+        { cmd: "detach", force },
+        DETACH_TIMEOUT_MS,
       );
+      if (!reply.ok) {
+        throw new UserError(
+          `${record.blockPath}: the server refused to detach: ${reply.error ?? "no reason given"}`,
+          ExitCode.failure,
+        );
+      }
+      asked = true;
+    } catch (e) {
+      if (e instanceof UserError) throw e;
+      // No socket or nobody listening: the server is alive but deaf. SIGTERM means detach too.
     }
-    asked = true;
-  } catch (e) {
-    if (e instanceof UserError) throw e;
-    // No socket or nobody listening: the server is alive but deaf. SIGTERM means detach too.
   }
   if (!asked) {
+    // SIGTERM means detach to both; a supervisor between two servers passes it on and cleans up.
+    const target = entry.alive ? record.server : record.supervisor!;
     try {
-      Deno.kill(record.server.pid, "SIGTERM");
+      Deno.kill(target.pid, "SIGTERM");
     } catch {
       // Exited meanwhile.
     }
   }
-  if (!(await waitGone(record.server, EXIT_TIMEOUT_MS))) {
-    throw new UserError(
-      `${record.blockPath}: the server (pid ${record.server.pid}) did not exit; see ${record.logPath}`,
-      ExitCode.failure,
-    );
+  for (
+    const [who, proc] of [["server", record.server], ["supervisor", record.supervisor]] as const
+  ) {
+    if (proc && !(await waitGone(proc, EXIT_TIMEOUT_MS))) {
+      throw new UserError(
+        `${record.blockPath}: the ${who} (pid ${proc.pid}) did not exit; see ${record.logPath}`,
+        ExitCode.failure,
+      );
+    }
   }
   // A server that died half-way leaves its record (and maybe its device): finish its job.
   const left = readRecord(record.id);
@@ -181,63 +190,11 @@ function sysfsHolders(dev: string): string {
   }
 }
 
-async function waitGone(
-  server: { pid: number; startTicks: number },
-  timeoutMs: number,
-): Promise<boolean> {
+async function waitGone(server: ProcessRef, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   while (processAlive(server)) {
     if (Date.now() > deadline) return false;
     await new Promise((r) => setTimeout(r, 20));
   }
   return true;
-}
-
-/**
- * Removes what a dead server left: its ublk device (stopped and deleted, unless the id now
- * belongs to another live server) and its record. Its file lock and lease died with it.
- */
-export async function cleanupDeadDevice(record: DeviceRecord): Promise<void> {
-  const { UblkControl } = await import("../ublk_control.ts");
-  let ctrl;
-  try {
-    ctrl = UblkControl.open();
-  } catch (e) {
-    // No ublk here: there can be no device left either.
-    if (e instanceof UserError && e.exitCode === ExitCode.unsupported) {
-      removeRecord(record.id);
-      return;
-    }
-    throw e;
-  }
-  try {
-    let info;
-    try {
-      info = await ctrl.getDeviceInfo(record.id);
-    } catch (e) {
-      if (!(e instanceof SyscallError && e.errno === ENODEV)) throw e;
-    }
-    const ownedByOther = info !== undefined && info.ublksrvPid > 0 &&
-      info.ublksrvPid !== record.server.pid && pidRunning(info.ublksrvPid);
-    if (info !== undefined && !ownedByOther) {
-      try {
-        await ctrl.stopDevice(record.id);
-      } catch {
-        // Already stopped (a dead, non-recoverable server's device is); DEL_DEV still works.
-      }
-      await ctrl.deleteDevice(record.id);
-    }
-  } finally {
-    ctrl.close();
-  }
-  removeRecord(record.id);
-}
-
-function pidRunning(pid: number): boolean {
-  try {
-    Deno.statSync(`/proc/${pid}`);
-    return true;
-  } catch {
-    return false;
-  }
 }

@@ -4,7 +4,7 @@
 
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { UsageError } from "../errors.ts";
-import { runServer } from "../server.ts";
+import { runServer, runSupervisor } from "../server.ts";
 import {
   DEPTH_DEFAULT,
   DEPTH_MAX,
@@ -22,9 +22,12 @@ export const command: Command = {
   help: [
     "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
     "                         [--no-recover] [--dev DEV --ino INO]",
+    "                         [--supervise | --supervised [--recover ID]]",
     "",
     "Internal: the background process behind one device, started by 'fastloop attach'.",
-    "It writes one JSON readiness line on stdout, then logs to PATH.",
+    "It writes one JSON readiness line on stdout, then logs to PATH. With --supervise it is the",
+    "supervisor instead: it runs the server as its child and restarts it (ublk user recovery)",
+    "when it dies.",
   ].join("\n"),
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs("__server", args, {
@@ -35,10 +38,22 @@ export const command: Command = {
       "no-recover": { type: "boolean" },
       "dev": { type: "string" },
       "ino": { type: "string" },
+      "supervise": { type: "boolean" },
+      "supervised": { type: "boolean" },
+      "recover": { type: "string" },
     });
     const [filePath, ...extra] = positionals;
     if (filePath === undefined || extra.length > 0 || values.log === undefined) {
       throw new UsageError("__server: needs exactly one FILE and --log PATH");
+    }
+    const recoverable = !(values["no-recover"] ?? false);
+    if (values.supervise) {
+      // Same arguments for every server the supervisor starts, minus this flag.
+      return await runSupervisor({
+        logPath: values.log,
+        serverArgs: ["__server", ...args.filter((a) => a !== "--supervise")],
+        recoverable,
+      });
     }
     return await runServer({
       filePath,
@@ -53,10 +68,14 @@ export const command: Command = {
       ),
       depth: parseIntFlag("__server", "depth", values.depth, DEPTH_DEFAULT, DEPTH_MIN, DEPTH_MAX),
       maxIoBytes: MAX_IO_BYTES_DEFAULT,
-      recoverable: !(values["no-recover"] ?? false),
+      recoverable,
       logPath: values.log,
       expectDev: values.dev,
       expectIno: values.ino,
+      supervised: values.supervised ?? false,
+      recoverDeviceId: values.recover === undefined
+        ? undefined
+        : parseIntFlag("__server", "recover", values.recover, 0, 0, 1 << 20),
     });
   },
 };

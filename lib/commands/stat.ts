@@ -58,13 +58,26 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
     startedAt: r.startedAt,
     log: r.logPath,
   };
-  if (!entry.alive) {
+  if (r.failure) {
     return {
       ...base,
       mode: "-",
       lease: "none",
-      server: { pid: r.server.pid, state: "dead" },
-      note: "server is dead: run 'fastloop detach' to clean up",
+      server: { pid: r.server.pid, state: "failed" },
+      note: `${r.failure.reason} (at ${r.failure.at}); run 'fastloop detach' to clear`,
+    };
+  }
+  if (!entry.alive) {
+    const recovering = entry.supervisorAlive;
+    return {
+      ...base,
+      mode: "-",
+      lease: "none",
+      server: { pid: r.server.pid, state: recovering ? "recovering" : "dead" },
+      supervisor: r.supervisor,
+      note: recovering
+        ? "server died; its supervisor is starting a new one (IO waits meanwhile)"
+        : "server is dead: run 'fastloop detach' to clean up",
     };
   }
   try {
