@@ -18,7 +18,7 @@ const DRIVER = `
 import { createDevice } from ${JSON.stringify(DEVICE_TS)};
 import { filesystemEligibility } from ${JSON.stringify(ELIGIBILITY_TS)};
 import { O_DIRECT, O_RDWR, open } from ${JSON.stringify(LIBC_TS)};
-const [path, mode, queues] = Deno.args;
+const [path, mode, queues, recoverId] = Deno.args;
 const fd = open(path, O_RDWR | O_DIRECT);
 const el = filesystemEligibility(fd, path);
 const backingFd = el.eligible ? open(el.device.devicePath, O_RDWR | O_DIRECT) : -1;
@@ -28,6 +28,7 @@ const dev = await createDevice({
   physicalBlockSize: el.device?.physicalBlockSize ?? 4096,
   readOnly: false, queues: Number(queues), depth: 32, maxIoBytes: 256 * 1024, mode,
   recoverable: true,
+  ...(recoverId ? { recoverDeviceId: Number(recoverId) } : {}),
 });
 console.log("READY " + dev.blockPath);
 const buf = new Uint8Array(16);
@@ -74,16 +75,26 @@ async function withScratchFs(body: (dir: string) => Promise<void>): Promise<void
 
 interface Served {
   dev: string;
+  /** SIGKILL the server: a crash, as far as the kernel can tell. */
+  kill(): Promise<void>;
   /** Stops and deletes the device; returns the counters the server saw. */
   stop(): Promise<Record<string, unknown>>;
 }
 
 /** Starts the driver on `file`; resolves once the device is live (or fails with its stderr). */
-async function serve(dir: string, file: string, mode: "fast" | "file", queues = 1) {
+async function serve(
+  dir: string,
+  file: string,
+  mode: "fast" | "file",
+  queues = 1,
+  recoverId?: number,
+) {
   const driver = `${dir}/driver.ts`;
   Deno.writeTextFileSync(driver, DRIVER);
+  const args = ["run", "--allow-all", "--no-check", "--quiet", driver, file, mode, String(queues)];
+  if (recoverId !== undefined) args.push(String(recoverId));
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--no-check", "--quiet", driver, file, mode, String(queues)],
+    args,
     stdin: "piped",
     stdout: "piped",
     stderr: "piped",
@@ -111,6 +122,12 @@ async function serve(dir: string, file: string, mode: "fast" | "file", queues = 
   const dev = await nextLine("READY ");
   const served: Served = {
     dev,
+    async kill() {
+      child.kill("SIGKILL");
+      await child.status;
+      clearTimeout(killer);
+      await child.stderr.cancel().catch(() => {});
+    },
     async stop() {
       const w = child.stdin.getWriter();
       await w.write(new TextEncoder().encode("stop\n"));
@@ -250,6 +267,58 @@ Deno.test("file mode serves everything through the file", async () => {
       assert.ok(read.file >= 16 * MIB);
     } finally {
       if (!stopped) await s.stop().catch(() => {});
+    }
+  });
+});
+
+Deno.test("a killed server's device waits, and a new server recovers it without losing IO", async () => {
+  await withScratchFs(async (dir) => {
+    const file = `${dir}/img`;
+    await run("dd", [`if=/dev/urandom`, `of=${file}`, "bs=1M", "count=32", "status=none"]);
+    await run("sync", []);
+    const first = await serve(dir, file, "fast");
+    const id = Number(first.dev.slice("/dev/ublkb".length));
+    const fio = new Deno.Command("fio", {
+      args: [
+        "--name=recover",
+        `--filename=${first.dev}`,
+        "--direct=1",
+        "--ioengine=io_uring",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=16M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    let second: Served | undefined;
+    try {
+      await new Promise((r) => setTimeout(r, 3000));
+      await first.kill();
+      // The kernel keeps the device (USER_RECOVERY): same node, same size, IO waiting.
+      assert.ok(deviceExists(first.dev), "the device outlives its server");
+      second = await serve(dir, file, "fast", 1, id);
+      assert.equal(second.dev, first.dev);
+      const out = await fio.output();
+      assert.equal(
+        out.code,
+        0,
+        `fio across the restart: ${new TextDecoder().decode(out.stderr)}`,
+      );
+      await second.stop();
+      second = undefined;
+      assert.ok(!deviceExists(first.dev));
+    } finally {
+      try {
+        fio.kill("SIGKILL");
+      } catch {
+        // already exited
+      }
+      if (second) await second.stop().catch(() => {});
     }
   });
 });
