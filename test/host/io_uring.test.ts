@@ -891,3 +891,77 @@ Deno.test("IoUring.close() wakes a pending submitAndWaitAsync, which rejects; la
     close(efd);
   }
 });
+
+/**
+ * A Worker that writes 1 to eventfd `efd` `delayMs` after each message `{ shared, delayMs }`,
+ * storing the write time (timeOrigin + now, in µs) in `shared[1]` right before the write, so the
+ * main thread can time how long the completion took to show up.
+ */
+async function eventfdWriter(efd: number): Promise<Worker> {
+  const libcTs = import.meta.resolve("../../ffi/libc.ts");
+  const source = `
+    import { libc } from "${libcTs}";
+    const one = new Uint8Array(new BigUint64Array([1n]).buffer);
+    self.postMessage("ready");
+    self.onmessage = (e) => {
+      const shared = e.data.shared;
+      setTimeout(() => {
+        shared[1] = (performance.timeOrigin + performance.now()) * 1000;
+        libc.write(${efd}, one, 8n);
+      }, e.data.delayMs);
+    };
+  `;
+  const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
+  const worker = new Worker(url, { type: "module" });
+  URL.revokeObjectURL(url);
+  // Loading the worker needs this thread's event loop, which a synchronous wait would block.
+  await new Promise((resolve) => worker.onmessage = resolve);
+  return worker;
+}
+
+Deno.test(
+  "IoUring.spinForCqes() sees a completion posted while it spins, without a syscall",
+  withRing(4, {}, async (ring) => {
+    const efd = eventfd(0, EFD_CLOEXEC);
+    const buf = new AlignedBuffer(4096);
+    const shared = new Float64Array(new SharedArrayBuffer(16));
+    const worker = await eventfdWriter(efd);
+    try {
+      // Nothing pending: the spin gives up after its budget.
+      let t0 = performance.now();
+      assert.equal(ring.spinForCqes(20e6), 0);
+      assert.ok(performance.now() - t0 >= 19);
+
+      const latencyUs = { spin: [] as number[], sleep: [] as number[] };
+      for (let i = 0; i < 20; i++) {
+        const spin = i % 2 === 0;
+        ring.prepReadEventfd(ring.getSqe(), efd, buf.address, i);
+        ring.submit();
+        worker.postMessage({ shared, delayMs: 5 });
+        t0 = performance.now();
+        const enters = ring.enterCalls;
+        if (spin) {
+          assert.equal(ring.spinForCqes(5e9), 1);
+          assert.equal(ring.enterCalls, enters); // seen without entering the kernel
+        } else {
+          ring.submitAndWait(1);
+        }
+        const seenUs = (performance.timeOrigin + performance.now()) * 1000;
+        const got: number[] = [];
+        ring.reapCqes((u, res) => got.push(u, res));
+        assert.deepEqual(got, [i, 8]);
+        assert.ok(performance.now() - t0 >= 3, "completed before the eventfd was written");
+        latencyUs[spin ? "spin" : "sleep"].push(seenUs - shared[1]!);
+      }
+      const median = (xs: number[]) => xs.sort((a, b) => a - b)[xs.length >> 1]!.toFixed(1);
+      console.log(
+        `eventfd write -> CQE seen, median of 10: spinning ${median(latencyUs.spin)} µs, ` +
+          `sleeping in io_uring_enter ${median(latencyUs.sleep)} µs`,
+      );
+    } finally {
+      worker.terminate();
+      buf.free();
+      close(efd);
+    }
+  }),
+);
