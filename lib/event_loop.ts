@@ -62,6 +62,7 @@ import {
   UBLK_IO_OP_WRITE_ZEROES,
   UBLK_IO_RES_ABORT,
   UBLK_IO_RES_OK,
+  UBLK_MAX_QUEUE_DEPTH,
   UBLK_U_IO_COMMIT_AND_FETCH_REQ,
   UBLK_U_IO_FETCH_REQ,
 } from "../ffi/ublk_cmd.ts";
@@ -128,6 +129,19 @@ const COUNTERS = 24;
 // once written, so a reader never applies a half-written entry.
 const LOG_SLOTS = 1024;
 
+// Punch fence between queues (only used with several queues). A queue about to punch a range
+// announces it in a shared slot, then waits until no other queue has a request with direct IO
+// over the range; a queue about to issue direct IO first flags its request's range, then looks
+// for an announced punch over it and, if there is one, goes through the file instead. Both sides
+// store first and load second with sequentially consistent atomics, so at least one of them
+// sees the other (Dekker): no direct IO can use a mapping from before a punch on another queue.
+const PUNCH_SLOTS = 64;
+const PUNCH_FREE = 0;
+const PUNCH_RESERVED = 1; // slot taken, range being written
+const PUNCH_ACTIVE = 2;
+/** Per-queue tag slots for the direct-IO flags (any depth the driver accepts fits). */
+const FENCE_TAGS = UBLK_MAX_QUEUE_DEPTH;
+
 export interface SharedLayout {
   sab: SharedArrayBuffer;
   queues: number;
@@ -151,9 +165,25 @@ function logStampsOffset(queues: number) {
 function logEntriesOffset(queues: number) {
   return logStampsOffset(queues) + LOG_SLOTS * 4;
 }
+function punchStateOffset(queues: number) {
+  return logEntriesOffset(queues) + LOG_SLOTS * 2 * 8;
+}
+function punchRangeOffset(queues: number) {
+  return punchStateOffset(queues) + (PUNCH_SLOTS + 2) * 4; // + count word, padded to 8
+}
+function fenceFlagsOffset(queues: number) {
+  return punchRangeOffset(queues) + PUNCH_SLOTS * 2 * 8;
+}
+function fenceRangesOffset(queues: number) {
+  return fenceFlagsOffset(queues) + queues * FENCE_TAGS * 4;
+}
 
 export function createSharedState(queues: number): SharedArrayBuffer {
-  return new SharedArrayBuffer(logEntriesOffset(queues) + LOG_SLOTS * 2 * 8);
+  // The punch fence is only needed (and only allocated) with several queues.
+  const end = queues > 1
+    ? fenceRangesOffset(queues) + queues * FENCE_TAGS * 2 * 8
+    : logEntriesOffset(queues) + LOG_SLOTS * 2 * 8;
+  return new SharedArrayBuffer(end);
 }
 
 /** Typed views of one queue's part of the shared state (and of the shared log). */
@@ -164,6 +194,12 @@ export class SharedViews {
   readonly logHeader: Int32Array;
   readonly logStamps: Int32Array;
   readonly logEntries: Float64Array;
+  /** Punch fence (queues > 1): [0] active count, [1 + i] state of slot i. */
+  readonly punchState: Int32Array | null = null;
+  readonly punchRange: Float64Array | null = null;
+  /** Per queue × tag: 1 while the request may do direct IO over fenceRange. */
+  readonly fenceFlags: Int32Array | null = null;
+  readonly fenceRanges: Float64Array | null = null;
 
   constructor(sab: SharedArrayBuffer, queues: number, queueId: number) {
     this.ctrl = new Int32Array(sab, queueId * CTRL_WORDS * 4, CTRL_WORDS);
@@ -176,6 +212,74 @@ export class SharedViews {
     this.logHeader = new Int32Array(sab, logHeaderOffset(queues), 2);
     this.logStamps = new Int32Array(sab, logStampsOffset(queues), LOG_SLOTS);
     this.logEntries = new Float64Array(sab, logEntriesOffset(queues), LOG_SLOTS * 2);
+    if (queues > 1) {
+      this.punchState = new Int32Array(sab, punchStateOffset(queues), PUNCH_SLOTS + 1);
+      this.punchRange = new Float64Array(sab, punchRangeOffset(queues), PUNCH_SLOTS * 2);
+      this.fenceFlags = new Int32Array(sab, fenceFlagsOffset(queues), queues * FENCE_TAGS);
+      this.fenceRanges = new Float64Array(sab, fenceRangesOffset(queues), queues * FENCE_TAGS * 2);
+    }
+  }
+
+  /** Announces a punch of [offset, offset+length); returns its slot, or -1 when all are taken. */
+  announcePunch(offset: number, length: number): number {
+    const st = this.punchState!;
+    for (let i = 0; i < PUNCH_SLOTS; i++) {
+      if (Atomics.compareExchange(st, 1 + i, PUNCH_FREE, PUNCH_RESERVED) !== PUNCH_FREE) continue;
+      this.punchRange![i * 2] = offset;
+      this.punchRange![i * 2 + 1] = length;
+      Atomics.store(st, 1 + i, PUNCH_ACTIVE);
+      Atomics.add(st, 0, 1);
+      return i;
+    }
+    return -1;
+  }
+
+  withdrawPunch(slot: number): void {
+    const st = this.punchState!;
+    Atomics.store(st, 1 + slot, PUNCH_FREE);
+    Atomics.sub(st, 0, 1);
+  }
+
+  /** Is a punch announced over [offset, offset+length) (by any queue)? */
+  punchAnnounced(offset: number, length: number): boolean {
+    const st = this.punchState!;
+    if (Atomics.load(st, 0) === 0) return false;
+    const end = offset + length;
+    for (let i = 0; i < PUNCH_SLOTS; i++) {
+      if (Atomics.load(st, 1 + i) !== PUNCH_ACTIVE) continue;
+      const o = this.punchRange![i * 2]!;
+      if (o < end && offset < o + this.punchRange![i * 2 + 1]!) return true;
+    }
+    return false;
+  }
+
+  /** Flags `tag` of `queueId` as (possibly) doing direct IO over the range; 0 clears. */
+  setFence(queueId: number, tag: number, offset: number, length: number): void {
+    const k = queueId * FENCE_TAGS + tag;
+    this.fenceRanges![k * 2] = offset;
+    this.fenceRanges![k * 2 + 1] = length;
+    Atomics.store(this.fenceFlags!, k, 1);
+  }
+
+  clearFence(queueId: number, tag: number): void {
+    Atomics.store(this.fenceFlags!, queueId * FENCE_TAGS + tag, 0);
+  }
+
+  /** Does a queue other than `self` have a flagged request over the range? */
+  otherDirectOverlaps(self: number, queues: number, offset: number, length: number): boolean {
+    const flags = this.fenceFlags!;
+    const ranges = this.fenceRanges!;
+    const end = offset + length;
+    for (let q = 0; q < queues; q++) {
+      if (q === self) continue;
+      for (let t = 0; t < FENCE_TAGS; t++) {
+        const k = q * FENCE_TAGS + t;
+        if (Atomics.load(flags, k) === 0) continue;
+        const o = ranges[k * 2]!;
+        if (o < end && offset < o + ranges[k * 2 + 1]!) return true;
+      }
+    }
+    return false;
   }
 
   /** Appends a changed file range for the other queues (called by the queue that changed it). */
@@ -290,6 +394,10 @@ export class QueueEngine {
   /** Ranges being punched right now: [offset, length] pairs, by tag. */
   readonly #punching = new Map<number, [number, number]>();
   #logSeen = 0;
+  /** Several queues: direct IO and punches are fenced through shared memory. */
+  readonly #multi: boolean;
+  /** Per tag: the announced punch slot of a DISCARD / WRITE_ZEROES, or -1. */
+  readonly #punchSlot: Int32Array;
 
   constructor(cfg: QueueConfig, ring: IoUring, desc: DataView, completer: Completer) {
     this.#cfg = cfg;
@@ -319,6 +427,8 @@ export class QueueEngine {
     this.#segBuf = new Float64Array(n * SEG_MAX);
     this.#segLen = new Float64Array(n * SEG_MAX);
     this.#segDirect = new Uint8Array(n * SEG_MAX);
+    this.#multi = cfg.queues > 1;
+    this.#punchSlot = new Int32Array(n).fill(-1);
     const eligible = cfg.backingFd >= 0;
     const source: ExtentSource = {
       map: (offsetBytes, lengthBytes, maxExtents) =>
@@ -386,6 +496,10 @@ export class QueueEngine {
           return this.#finish(tag, -EIO);
         }
         if (op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(tag, -EROFS);
+        // Flag before looking for punches (see the punch fence): store, then load.
+        if (this.#multi) {
+          this.views.setFence(this.#cfg.queueId, tag, this.#offset[tag]!, this.#length[tag]!);
+        }
         this.#issueSegments(tag);
         return;
       case UBLK_IO_OP_FLUSH:
@@ -398,11 +512,8 @@ export class QueueEngine {
         else c[Counter.writeZeroes]!++;
         if (this.#cfg.readOnly) return this.#finish(tag, -EROFS);
         if (end > this.#cfg.fileSizeBytes) return this.#finish(tag, -EIO);
-        if (this.#directOverlaps(this.#offset[tag]!, this.#length[tag]!)) {
-          this.#deferred.push(tag);
-        } else {
-          this.#punch(tag);
-        }
+        this.#deferred.push(tag);
+        this.runDeferred();
         return;
       default:
         return this.#finish(tag, -EOPNOTSUPP);
@@ -428,6 +539,12 @@ export class QueueEngine {
     let useFile = cache === null || mode === Mode.file ||
       (isWrite && mode === Mode.readDirect) ||
       (this.#punching.size > 0 && this.#punchOverlaps(offset, length));
+    if (!useFile && this.#multi) {
+      // First the announced punches, then the invalidations: a punch is withdrawn only after
+      // its invalidation was published, so seeing it gone means the log holds it.
+      if (this.views.punchAnnounced(offset, length)) useFile = true;
+      else this.applyInvalidations();
+    }
     let cursor = this.#cursor[tag]!;
     // A run being gathered: consecutive pieces on the same fd at consecutive offsets.
     let runFd = -1;
@@ -669,6 +786,10 @@ export class QueueEngine {
     this.backendInflight--;
     this.#punching.delete(tag);
     this.#changed(this.#offset[tag]!, this.#length[tag]!);
+    if (this.#punchSlot[tag]! >= 0) {
+      this.views.withdrawPunch(this.#punchSlot[tag]!);
+      this.#punchSlot[tag] = -1;
+    }
     if (res >= 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
     else Atomics.store(this.views.ctrl, CTRL_ERRNO, -res);
     this.#finish(tag, res < 0 ? res : 0);
@@ -702,6 +823,7 @@ export class QueueEngine {
 
   #finish(tag: number, result: number): void {
     this.#op[tag] = OP_NONE;
+    if (this.#multi) this.views.clearFence(this.#cfg.queueId, tag);
     const c = this.views.counters;
     c[Counter.inflight]!--;
     if (result < 0) c[Counter.errors]!++;
@@ -750,7 +872,17 @@ export class QueueEngine {
   runDeferred(): void {
     for (let i = 0; i < this.#deferred.length;) {
       const tag = this.#deferred[i]!;
-      if (this.#directOverlaps(this.#offset[tag]!, this.#length[tag]!)) {
+      const offset = this.#offset[tag]!;
+      const length = this.#length[tag]!;
+      if (this.#multi && this.#punchSlot[tag]! < 0) {
+        // Announce first (store), then look at the other queues' flags (load).
+        this.#punchSlot[tag] = this.views.announcePunch(offset, length);
+      }
+      const blocked = (this.#multi && this.#punchSlot[tag]! < 0) ||
+        this.#directOverlaps(offset, length) ||
+        (this.#multi &&
+          this.views.otherDirectOverlaps(this.#cfg.queueId, this.#cfg.queues, offset, length));
+      if (blocked) {
         i++;
         continue;
       }
