@@ -1,14 +1,16 @@
 //! The extent cache: file offset → (physical offset, length, kind) or hole, for one queue.
 //!
 //! Pure TypeScript over an `ExtentSource` (FIEMAP in production, a plain list in tests). The
-//! cache holds sorted, non-overlapping segments of the file in parallel typed arrays and finds
+//! cache holds sorted, non-overlapping segments of the file in one Float64Array and finds
 //! the one covering an offset by binary search; a hit allocates nothing. A miss maps a window
 //! around the offset (default 64 MiB, at most `maxExtentsPerFill` extents) and records what it
 //! learned explicitly, holes included, so the next lookup anywhere in that window is a hit.
 //! Memory is bounded by `maxExtents` segments: when full, the least recently filled windows are
 //! evicted. Invalidation drops every segment touching a range; the next lookup refills it.
 //!
-//! Offsets are JS numbers (exact below 2^53: 8 PiB), stored in Float64Arrays.
+//! Offsets are JS numbers (exact below 2^53: 8 PiB). A segment is four consecutive doubles —
+//! start, end, physical, kind | reason << 8 — so a lookup and the caller's reads of the found
+//! segment touch one cache line (two segments per 64-byte line).
 
 import type { FiemapExtent } from "../ffi/fiemap.ts";
 import { classifyExtent, ExtentKind, ExtentReason } from "./eligibility.ts";
@@ -62,12 +64,18 @@ export interface ExtentCacheStats {
 /** End of the last segment when it runs to "forever" (past EOF). */
 const MAX_END = Number.MAX_SAFE_INTEGER;
 const DEFAULT_WINDOW_BYTES = 64 * 1024 * 1024;
-// start, end, physical (Float64) + kind, reason (Uint8) + fill id (Uint32).
-const BYTES_PER_SEGMENT = 8 * 3 + 1 + 1 + 4;
+// Segment layout in #seg: STRIDE doubles per segment.
+const STRIDE = 4;
+const S_START = 0; // file offset where the segment starts
+const S_END = 1; // file offset where it ends (exclusive)
+const S_PHYSICAL = 2; // device offset of S_START (-1 for holes)
+const S_KIND = 3; // kind | reason << 8
+// 4 doubles + a Uint32 fill id (eviction age).
+const BYTES_PER_SEGMENT = STRIDE * 8 + 4;
 const INITIAL_CAPACITY = 1024;
 /**
  * Below this many segments a plain binary search stays in the CPU caches; above it, the bucket
- * directory cuts a random lookup from ~20 dependent cache misses to about three.
+ * directory cuts a random lookup from ~20 dependent cache misses to about two.
  */
 const DIRECTORY_MIN_SEGMENTS = 4096;
 
@@ -89,11 +97,9 @@ export class ExtentCache {
   readonly #eligible: boolean;
   #fileSizeBytes: number;
 
-  #start: Float64Array;
-  #end: Float64Array;
-  #physical: Float64Array;
-  #kind: Uint8Array;
-  #reason: Uint8Array;
+  /** `#count` segments of STRIDE doubles, sorted by start, non-overlapping. */
+  #seg: Float64Array;
+  /** Fill number of each segment: eviction drops the oldest fills first. */
   #fill: Uint32Array;
   #count = 0;
   /** Index of the last hit: sequential IO usually hits it or the next one. */
@@ -129,11 +135,7 @@ export class ExtentCache {
     this.#eligible = opts.eligible ?? true;
     this.#fileSizeBytes = opts.fileSizeBytes;
     const capacity = Math.min(INITIAL_CAPACITY, this.#maxExtents);
-    this.#start = new Float64Array(capacity);
-    this.#end = new Float64Array(capacity);
-    this.#physical = new Float64Array(capacity);
-    this.#kind = new Uint8Array(capacity);
-    this.#reason = new Uint8Array(capacity);
+    this.#seg = new Float64Array(capacity * STRIDE);
     this.#fill = new Uint32Array(capacity);
   }
 
@@ -143,25 +145,27 @@ export class ExtentCache {
    * with the `*At(i)` accessors.
    */
   lookup(offsetBytes: number): number {
-    const start = this.#start;
-    const end = this.#end;
+    const seg = this.#seg;
     const count = this.#count;
     let i = this.#last;
-    if (i < count && start[i]! <= offsetBytes) {
-      if (offsetBytes < end[i]!) {
+    if (i < count && seg[i * STRIDE + S_START]! <= offsetBytes) {
+      if (offsetBytes < seg[i * STRIDE + S_END]!) {
         this.#hits++;
         return i;
       }
       // Sequential IO crossing into the next segment.
       i++;
-      if (i < count && start[i]! <= offsetBytes && offsetBytes < end[i]!) {
+      if (
+        i < count && seg[i * STRIDE + S_START]! <= offsetBytes &&
+        offsetBytes < seg[i * STRIDE + S_END]!
+      ) {
         this.#last = i;
         this.#hits++;
         return i;
       }
     }
     i = this.#find(offsetBytes);
-    if (i >= 0 && offsetBytes < end[i]!) {
+    if (i >= 0 && offsetBytes < seg[i * STRIDE + S_END]!) {
       this.#last = i;
       this.#hits++;
       return i;
@@ -171,36 +175,38 @@ export class ExtentCache {
 
   /** `lookup`, then copies the segment into `out` (no allocation). */
   lookupInto(offsetBytes: number, out: MappingOut): MappingOut {
-    const i = this.lookup(offsetBytes);
-    out.logical = this.#start[i]!;
-    out.physical = this.#physical[i]!;
-    out.length = this.#end[i]! - out.logical;
-    out.kind = this.#kind[i] as ExtentKind;
-    out.reason = this.#reason[i] as ExtentReason;
+    const at = this.lookup(offsetBytes) * STRIDE;
+    const seg = this.#seg;
+    out.logical = seg[at + S_START]!;
+    out.physical = seg[at + S_PHYSICAL]!;
+    out.length = seg[at + S_END]! - out.logical;
+    out.kind = (seg[at + S_KIND]! & 0xff) as ExtentKind;
+    out.reason = (seg[at + S_KIND]! >>> 8) as ExtentReason;
     return out;
   }
 
   /** File offset where segment `i` starts. */
   startAt(i: number): number {
-    return this.#start[i]!;
+    return this.#seg[i * STRIDE + S_START]!;
   }
   /** File offset where segment `i` ends (exclusive). */
   endAt(i: number): number {
-    return this.#end[i]!;
+    return this.#seg[i * STRIDE + S_END]!;
   }
   /** Device offset of the segment's start (-1 for holes). */
   physicalAt(i: number): number {
-    return this.#physical[i]!;
+    return this.#seg[i * STRIDE + S_PHYSICAL]!;
   }
   /** Device offset of file offset `offsetBytes`, which must lie in segment `i`. */
   physicalOf(i: number, offsetBytes: number): number {
-    return this.#physical[i]! + (offsetBytes - this.#start[i]!);
+    const at = i * STRIDE;
+    return this.#seg[at + S_PHYSICAL]! + (offsetBytes - this.#seg[at + S_START]!);
   }
   kindAt(i: number): ExtentKind {
-    return this.#kind[i] as ExtentKind;
+    return (this.#seg[i * STRIDE + S_KIND]! & 0xff) as ExtentKind;
   }
   reasonAt(i: number): ExtentReason {
-    return this.#reason[i] as ExtentReason;
+    return (this.#seg[i * STRIDE + S_KIND]! >>> 8) as ExtentReason;
   }
 
   /**
@@ -211,9 +217,9 @@ export class ExtentCache {
     if (lengthBytes <= 0 || this.#count === 0) return;
     const endBytes = offsetBytes + lengthBytes;
     let first = this.#search(offsetBytes);
-    if (first < 0 || this.#end[first]! <= offsetBytes) first++;
+    if (first < 0 || this.endAt(first) <= offsetBytes) first++;
     let last = first;
-    while (last < this.#count && this.#start[last]! < endBytes) last++;
+    while (last < this.#count && this.startAt(last) < endBytes) last++;
     this.#remove(first, last);
   }
 
@@ -235,7 +241,7 @@ export class ExtentCache {
   stats(): ExtentCacheStats {
     return {
       extents: this.#count,
-      memoryBytes: this.#start.length * BYTES_PER_SEGMENT + this.#dir.byteLength,
+      memoryBytes: this.#fill.length * BYTES_PER_SEGMENT + this.#dir.byteLength,
       hits: this.#hits,
       misses: this.#misses,
       fiemapCalls: this.#fiemapCalls,
@@ -255,13 +261,13 @@ export class ExtentCache {
     const b = Math.floor(offset / this.#bucketBytes);
     if (!(b < this.#dirBuckets)) return this.#search(offset);
     const dir = this.#dir;
-    const start = this.#start;
-    // Known: start[dir[b]] <= offset (when dir[b] >= 0), and the answer is at most dir[b + 1].
+    const seg = this.#seg;
+    // Known: start(dir[b]) <= offset (when dir[b] >= 0), and the answer is at most dir[b + 1].
     let lo = dir[b]! + 1;
     let hi = dir[b + 1]!;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      if (start[mid]! <= offset) lo = mid + 1;
+      if (seg[mid * STRIDE + S_START]! <= offset) lo = mid + 1;
       else hi = mid - 1;
     }
     return hi;
@@ -271,18 +277,21 @@ export class ExtentCache {
     this.#dirDirty = false;
     this.#staleLookups = 0;
     const count = this.#count;
-    const covered = Math.max(this.#fileSizeBytes, count > 0 ? this.#start[count - 1]! : 0);
+    const seg = this.#seg;
+    const covered = Math.max(
+      this.#fileSizeBytes,
+      count > 0 ? seg[(count - 1) * STRIDE + S_START]! : 0,
+    );
     // About one bucket per segment, a power of two bytes wide (at least 4 KiB).
     let bucketBytes = 4096;
     while (covered / bucketBytes > count) bucketBytes *= 2;
     const buckets = Math.ceil(covered / bucketBytes);
     if (this.#dir.length < buckets + 1) this.#dir = new Int32Array(buckets + 1);
     const dir = this.#dir;
-    const start = this.#start;
     let i = -1;
     for (let b = 0; b <= buckets; b++) {
       const at = b * bucketBytes;
-      while (i + 1 < count && start[i + 1]! <= at) i++;
+      while (i + 1 < count && seg[(i + 1) * STRIDE + S_START]! <= at) i++;
       dir[b] = i;
     }
     this.#bucketBytes = bucketBytes;
@@ -291,12 +300,12 @@ export class ExtentCache {
 
   /** Index of the last segment starting at or before `offset`, or -1. */
   #search(offset: number): number {
-    const start = this.#start;
+    const seg = this.#seg;
     let lo = 0;
     let hi = this.#count - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      if (start[mid]! <= offset) lo = mid + 1;
+      if (seg[mid * STRIDE + S_START]! <= offset) lo = mid + 1;
       else hi = mid - 1;
     }
     return hi;
@@ -308,8 +317,8 @@ export class ExtentCache {
     }
     this.#misses++;
     const left = this.#search(offset);
-    const gapStart = left >= 0 ? this.#end[left]! : 0;
-    const gapEnd = left + 1 < this.#count ? this.#start[left + 1]! : MAX_END;
+    const gapStart = left >= 0 ? this.endAt(left) : 0;
+    const gapEnd = left + 1 < this.#count ? this.startAt(left + 1) : MAX_END;
 
     let pending: Pending[];
     if (offset >= this.#fileSizeBytes) {
@@ -366,7 +375,7 @@ export class ExtentCache {
 
   /** Frees at least `needed` slots by dropping the least recently filled windows. */
   #evict(needed: number): void {
-    // Free down to 3/4 of the bound so a run of misses does not evict on every fill.
+    // Free a quarter of the bound more than needed, so a run of misses does not evict each time.
     const target = Math.min(this.#count, needed + Math.floor(this.#maxExtents / 4));
     const perFill = new Map<number, number>();
     for (let i = 0; i < this.#count; i++) {
@@ -384,7 +393,11 @@ export class ExtentCache {
     let j = 0;
     for (let i = 0; i < this.#count; i++) {
       if (this.#fill[i]! <= cutoff) continue;
-      this.#copy(i, j++);
+      if (i !== j) {
+        this.#seg.copyWithin(j * STRIDE, i * STRIDE, (i + 1) * STRIDE);
+        this.#fill[j] = this.#fill[i]!;
+      }
+      j++;
     }
     this.#count = j;
     this.#last = 0;
@@ -398,17 +411,17 @@ export class ExtentCache {
     this.#reserve(this.#count + k);
     const at = this.#search(pending[0]!.start) + 1;
     const n = this.#count;
-    for (const a of [this.#start, this.#end, this.#physical]) a.copyWithin(at + k, at, n);
-    for (const a of [this.#kind, this.#reason]) a.copyWithin(at + k, at, n);
+    this.#seg.copyWithin((at + k) * STRIDE, at * STRIDE, n * STRIDE);
     this.#fill.copyWithin(at + k, at, n);
     const id = ++this.#fillSeq;
+    const seg = this.#seg;
     for (let i = 0; i < k; i++) {
       const p = pending[i]!;
-      this.#start[at + i] = p.start;
-      this.#end[at + i] = p.end;
-      this.#physical[at + i] = p.physical;
-      this.#kind[at + i] = p.kind;
-      this.#reason[at + i] = p.reason;
+      const o = (at + i) * STRIDE;
+      seg[o + S_START] = p.start;
+      seg[o + S_END] = p.end;
+      seg[o + S_PHYSICAL] = p.physical;
+      seg[o + S_KIND] = p.kind | (p.reason << 8);
       this.#fill[at + i] = id;
     }
     this.#count = n + k;
@@ -422,15 +435,15 @@ export class ExtentCache {
   #mergeWithNext(i: number): void {
     const j = i + 1;
     if (i < 0 || j >= this.#count) return;
-    if (
-      this.#end[i] !== this.#start[j] || this.#kind[i] !== this.#kind[j] ||
-      this.#reason[i] !== this.#reason[j]
-    ) return;
-    const isHole = this.#kind[i] === ExtentKind.hole;
-    if (!isHole && this.#physical[i]! + (this.#end[i]! - this.#start[i]!) !== this.#physical[j]) {
-      return;
-    }
-    this.#end[i] = this.#end[j]!;
+    const seg = this.#seg;
+    const a = i * STRIDE;
+    const b = j * STRIDE;
+    if (seg[a + S_END] !== seg[b + S_START] || seg[a + S_KIND] !== seg[b + S_KIND]) return;
+    const isHole = (seg[a + S_KIND]! & 0xff) === ExtentKind.hole;
+    const contiguous = seg[a + S_PHYSICAL]! + (seg[a + S_END]! - seg[a + S_START]!) ===
+      seg[b + S_PHYSICAL];
+    if (!isHole && !contiguous) return;
+    seg[a + S_END] = seg[b + S_END]!;
     this.#fill[i] = Math.max(this.#fill[i]!, this.#fill[j]!);
     this.#remove(j, j + 1);
   }
@@ -439,42 +452,23 @@ export class ExtentCache {
   #remove(first: number, last: number): void {
     if (last <= first) return;
     const n = this.#count;
-    for (const a of [this.#start, this.#end, this.#physical]) a.copyWithin(first, last, n);
-    for (const a of [this.#kind, this.#reason]) a.copyWithin(first, last, n);
+    this.#seg.copyWithin(first * STRIDE, last * STRIDE, n * STRIDE);
     this.#fill.copyWithin(first, last, n);
     this.#count = n - (last - first);
     this.#last = 0;
     this.#dirDirty = true;
   }
 
-  #copy(from: number, to: number): void {
-    if (from === to) return;
-    this.#start[to] = this.#start[from]!;
-    this.#end[to] = this.#end[from]!;
-    this.#physical[to] = this.#physical[from]!;
-    this.#kind[to] = this.#kind[from]!;
-    this.#reason[to] = this.#reason[from]!;
-    this.#fill[to] = this.#fill[from]!;
-  }
-
   /** Grows the arrays (doubling, capped at `maxExtents`) to hold `n` segments. */
   #reserve(n: number): void {
-    if (n <= this.#start.length) return;
-    const capacity = Math.min(this.#maxExtents, Math.max(n, this.#start.length * 2));
-    const grow = <T extends Float64Array | Uint8Array | Uint32Array>(
-      old: T,
-      make: (n: number) => T,
-    ): T => {
-      const a = make(capacity);
-      a.set(old.subarray(0, this.#count) as never);
-      return a;
-    };
-    this.#start = grow(this.#start, (c) => new Float64Array(c));
-    this.#end = grow(this.#end, (c) => new Float64Array(c));
-    this.#physical = grow(this.#physical, (c) => new Float64Array(c));
-    this.#kind = grow(this.#kind, (c) => new Uint8Array(c));
-    this.#reason = grow(this.#reason, (c) => new Uint8Array(c));
-    this.#fill = grow(this.#fill, (c) => new Uint32Array(c));
+    if (n <= this.#fill.length) return;
+    const capacity = Math.min(this.#maxExtents, Math.max(n, this.#fill.length * 2));
+    const seg = new Float64Array(capacity * STRIDE);
+    seg.set(this.#seg.subarray(0, this.#count * STRIDE));
+    const fill = new Uint32Array(capacity);
+    fill.set(this.#fill.subarray(0, this.#count));
+    this.#seg = seg;
+    this.#fill = fill;
   }
 }
 
