@@ -32,8 +32,9 @@ directly on the filesystem's block device, reads it as zeros, or goes through th
 Ends with a summary: backing device, filesystem, whether it is eligible for the direct path, and
 the share of the file on the fast path.
 
-Mapping opens FILE read-only: if it is attached, its device switches to its shared (read-lease)
-mode until this command exits.
+Mapping opens FILE read-only: if it is attached, its server gives up direct writes (or its
+lease) for that, and takes the lease back after this command exits. A lease holder that does
+not let go within 3 s makes this command fail with exit code 4.
 
 Options:
   --json      Print one JSON object instead of the table (field names are stable):
@@ -55,7 +56,8 @@ Options:
                 (byte counts cover [0, sizeBytes); extents past the end are listed, not counted)
   -h, --help  Show this help
 
-Exit codes: 0 ok, 2 bad flags, 3 FILE missing or not a regular file or has no extent map.`;
+Exit codes: 0 ok, 2 bad flags, 3 FILE missing or not a regular file or has no extent map,
+4 FILE leased by a process that did not let go.`;
 
 export interface MapExtent {
   index: number;
@@ -103,6 +105,34 @@ export interface MapReport {
   };
 }
 
+/** How long `map` waits for a lease holder (an attached device's server) to let it open. */
+const LEASE_WAIT_MS = 3000;
+
+/**
+ * open(O_RDONLY | O_NONBLOCK). If another process holds a write lease (an attached device), the
+ * kernel starts breaking it and fails the open with EWOULDBLOCK instead of blocking; the holder
+ * downgrades or releases within milliseconds, so retry briefly — but never wait out a stuck
+ * holder's whole lease-break time (45 s by default).
+ */
+function openPastLease(path: string): number {
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  for (let waitedMs = 0;; waitedMs += 10) {
+    try {
+      return open(path, O_RDONLY | O_NONBLOCK);
+    } catch (e) {
+      if (!(e instanceof SyscallError && e.code === "EAGAIN")) throw e;
+      if (waitedMs >= LEASE_WAIT_MS) {
+        throw new UserError(
+          `${path} is leased by another process that did not let go within ` +
+            `${LEASE_WAIT_MS / 1000} s; try again`,
+          ExitCode.busy,
+        );
+      }
+      Atomics.wait(sleeper, 0, 0, 10); // a synchronous 10 ms sleep
+    }
+  }
+}
+
 /** Opens `path` for mapping, turning every kind of bad input into a one-line `UserError`. */
 function openRegularFile(path: string): number {
   let info: Deno.FileInfo;
@@ -129,16 +159,7 @@ function openRegularFile(path: string): number {
     ? undefined
     : "not a regular file";
   if (what !== undefined) throw new UserError(`${path} is ${what}, not a regular file`);
-  // O_NONBLOCK: if a lease holder does not answer, fail now instead of waiting out its break.
-  let fd: number;
-  try {
-    fd = open(path, O_RDONLY | O_NONBLOCK);
-  } catch (e) {
-    if (e instanceof SyscallError && e.code === "EAGAIN") {
-      throw new UserError(`${path} is leased by another process; try again`, ExitCode.busy);
-    }
-    throw e;
-  }
+  const fd = openPastLease(path);
   // The path may have changed between stat and open: the fd is the truth.
   if ((fstat(fd, path).mode & S_IFMT) !== S_IFREG) {
     close(fd);

@@ -5,6 +5,8 @@
 
 import assert from "node:assert/strict";
 import type { MapReport } from "../../lib/commands/map.ts";
+import { onLeaseBreak, setLease } from "../../ffi/fcntl.ts";
+import { close, O_RDWR, open } from "../../ffi/libc.ts";
 import {
   type CommandResult,
   filefrag,
@@ -210,4 +212,41 @@ Deno.test({
       assert.equal(report.summary.fastPathShare, 0);
     });
   },
+});
+
+Deno.test("fastloop map on a file whose write lease holder lets go maps it; one that does not gets exit 4", async () => {
+  const dir = await Deno.makeTempDir({ dir: testDir(), prefix: "fastloop-map-lease-" });
+  const path = `${dir}/leased`;
+  await Deno.writeFile(path, new Uint8Array(65536).fill(1));
+  const fd = open(path, O_RDWR);
+  let answer = true;
+  const breaks: string[] = [];
+  const unlisten = onLeaseBreak(fd, (to) => {
+    breaks.push(to);
+    if (answer) setLease(fd, "unlock", path); // what an attached device's server does
+  }, path);
+  try {
+    // A holder that answers: map waits the few ms it takes, then maps.
+    setLease(fd, "write", path);
+    const ok = await fastloop("map", "--json", path);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.equal((JSON.parse(ok.stdout) as MapReport).sizeBytes, 65536);
+    assert.deepEqual(breaks, ["read"]);
+
+    // A holder that never answers: map gives up after its 3 s, exit 4, one line.
+    answer = false;
+    setLease(fd, "write", path);
+    const t0 = performance.now();
+    const busy = await fastloop("map", path);
+    const ms = performance.now() - t0;
+    assert.equal(busy.code, 4, busy.stderr);
+    assert.match(busy.stderr, /^fastloop: .*leased by another process that did not let go/);
+    assert.equal(busy.stderr.trimEnd().split("\n").length, 1);
+    assert.ok(ms < 20_000, `gave up after ${ms} ms, not the 45 s lease-break time`);
+  } finally {
+    setLease(fd, "unlock", path);
+    unlisten();
+    close(fd);
+    await Deno.remove(dir, { recursive: true });
+  }
 });
