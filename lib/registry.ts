@@ -372,6 +372,7 @@ export async function cleanupDeadDevice(record: DeviceRecord): Promise<void> {
     // No ublk here: there can be no device left either.
     if (e instanceof UserError && e.exitCode === ExitCode.unsupported) {
       removeRecord(record.id);
+      removeStaleClaim(record.file);
       return;
     }
     throw e;
@@ -382,6 +383,12 @@ export async function cleanupDeadDevice(record: DeviceRecord): Promise<void> {
     ctrl.close();
   }
   removeRecord(record.id);
+  removeStaleClaim(record.file);
+}
+
+/** A killed server's lock file stays behind (its flock does not): remove it if nobody holds it. */
+function removeStaleClaim(identity: { dev: string; ino: string }): void {
+  FileClaim.tryTake(identity)?.release();
 }
 
 /** STOP_DEV + DEL_DEV of a record's device, unless absent or now served by another process. */

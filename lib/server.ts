@@ -639,9 +639,17 @@ export async function runServer(opts: ServerOptions): Promise<number> {
 
 // --- supervisor -------------------------------------------------------------------------------
 
-/** Crash-loop bound: this many server deaths within the window and the supervisor gives up. */
-const CRASH_LIMIT = 5;
+/**
+ * Crash-loop bound: this many server deaths within the window and the supervisor gives up.
+ * `FASTLOOP_CRASH_LIMIT` lowers it (tests provoke the give-up path without killing five times).
+ */
+const CRASH_LIMIT = positiveEnv("FASTLOOP_CRASH_LIMIT") ?? 5;
 const CRASH_WINDOW_MS = 60_000;
+
+function positiveEnv(name: string): number | undefined {
+  const n = Number(Deno.env.get(name));
+  return Number.isInteger(n) && n > 0 ? n : undefined;
+}
 /** A recovering server must report within this (it waits for the dead one's rings to go). */
 const RESTART_READY_TIMEOUT_MS = 120_000;
 

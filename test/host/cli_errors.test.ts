@@ -320,11 +320,14 @@ Deno.test("a record whose server is dead shows as dead in stat, and detach remov
     // A pid that is certainly dead: a child that has exited and been reaped.
     const child = new Deno.Command("true").spawn();
     await child.status;
-    Deno.mkdirSync(runDir, { recursive: true, mode: 0o700 });
+    Deno.mkdirSync(`${runDir}/files`, { recursive: true, mode: 0o700 });
+    const st = Deno.statSync(file);
     Deno.writeTextFileSync(
       `${runDir}/ublkb5.json`,
-      JSON.stringify(fakeRecord(5, file, Deno.statSync(file), child.pid, 1, runDir)),
+      JSON.stringify(fakeRecord(5, file, st, child.pid, 1, runDir)),
     );
+    // A killed server leaves its lock file (the flock itself dies with it).
+    Deno.writeTextFileSync(`${runDir}/files/${st.dev}-${st.ino}.lock`, "");
     const stat = await fastloop(["stat", "--json"], { runDir });
     assert.deepEqual(stat.code, 0, stat.stderr);
     const rows = JSON.parse(stat.stdout);
@@ -336,6 +339,7 @@ Deno.test("a record whose server is dead shows as dead in stat, and detach remov
     const detach = await fastloop(["detach", file], { runDir });
     assert.deepEqual([detach.code, detach.stderr], [0, ""]);
     assert.ok(!exists(`${runDir}/ublkb5.json`), "the stale record is gone");
+    assert.ok(!exists(`${runDir}/files/${st.dev}-${st.ino}.lock`), "its lock file too");
   });
 });
 

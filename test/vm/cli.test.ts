@@ -461,3 +461,74 @@ Deno.test("kill -9 of the server during fio verify writes: the supervisor recove
     );
   });
 });
+
+Deno.test("a server that keeps dying is given up on: the device goes, stat says why, detach clears it", async () => {
+  await withHostFs(async (mnt) => {
+    const file = `${mnt}/crashloop.img`;
+    await ok("truncate", ["-s", "16M", file]);
+    // Two deaths within a minute are a crash loop for this device.
+    const r = await new Deno.Command("fastloop", {
+      args: ["attach", file],
+      env: { FASTLOOP_CRASH_LIMIT: "2" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    assert.equal(r.code, 0, new TextDecoder().decode(r.stderr));
+    const dev = new TextDecoder().decode(r.stdout).trim();
+    const supervisor = recordOf(dev).supervisor!.pid;
+    const first = recordOf(dev).server.pid;
+    Deno.kill(first, "SIGKILL");
+    const deadline = Date.now() + 120_000;
+    while (recordOf(dev).server.pid === first || !running(recordOf(dev).server.pid)) {
+      assert.ok(Date.now() < deadline, "recovered once");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    Deno.kill(recordOf(dev).server.pid, "SIGKILL");
+    while (running(supervisor)) {
+      assert.ok(Date.now() < deadline, "the supervisor gives up and exits");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.deepEqual(ublkDevices(), [], "the kernel has no device left: IO fails, not hangs");
+    const [row] = await stat();
+    assert.equal(row?.server.state, "failed");
+    assert.match(String(row?.["note"]), /died 2 times within 60 s/);
+    await detach(dev);
+    assert.deepEqual(await stat(), []);
+  });
+});
+
+Deno.test("attach --read-only --json: a read lease that readers do not break, and writes refused", async () => {
+  await withHostFs(async (mnt, tmp) => {
+    const file = `${mnt}/ro.img`;
+    await randomReference(`${tmp}/ref`, 16 * MIB);
+    await ok("dd", [`if=${tmp}/ref`, `of=${file}`, "bs=1M", "conv=fsync", "status=none"]);
+    const r = await fastloop(["attach", "--read-only", "--json", file]);
+    assert.equal(r.code, 0, r.stderr);
+    const info = JSON.parse(r.stdout);
+    assert.match(info.device, /^\/dev\/ublkb[0-9]+$/);
+    assert.equal(info.file, file);
+    const dev: string = info.device;
+    // The kernel's view: a read-only disk.
+    assert.equal(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/ro`).trim(), "1");
+    const write = await run("dd", [
+      `if=${tmp}/ref`,
+      `of=${dev}`,
+      "bs=1M",
+      "count=1",
+      "oflag=direct",
+    ]);
+    assert.notEqual(write.code, 0, "a write to a read-only device fails");
+    // Another reader of the file is compatible with a read lease: no break, still direct.
+    const f = await Deno.open(file, { read: true });
+    try {
+      await ok("cmp", [dev, `${tmp}/ref`]);
+      const [row] = await stat(dev);
+      assert.equal(row?.lease, "read");
+      assert.equal(row?.mode, "fast");
+      assert.equal(row?.leaseBreaks, 0);
+    } finally {
+      f.close();
+    }
+    await detach(dev);
+  });
+});
