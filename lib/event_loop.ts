@@ -1031,6 +1031,7 @@ export function runQueue(
     Atomics.store(ctrl, CTRL_STATE, QueueState.fetching);
     onFetching();
     const profile = Deno.env.get("FASTLOOP_LOOP_STATS") === "1";
+    let statTurn = 0;
     let turns = 0, cqes = 0, enterMs = 0, jsMs = 0, restMs = 0, t0 = 0, t1 = 0;
     for (;;) {
       if (profile) t0 = performance.now();
@@ -1051,11 +1052,16 @@ export function runQueue(
         ack(modeAckSeq);
         modeAckSeq = 0;
       }
-      engine.publishStats();
+      // Cache statistics for `stat`: every 64 turns under load, and whenever the queue goes idle
+      // (so a quiet device shows final figures), keeps busy turns lean.
+      if ((++statTurn & 63) === 0 || views.counters[Counter.inflight] === 0) {
+        engine.publishStats();
+      }
       if (profile) restMs += performance.now() - t0;
       if (quit) break;
       if (aborted === cfg.depth && engine.backendInflight === 0) break;
     }
+    engine.publishStats();
     Atomics.store(ctrl, CTRL_STATE, QueueState.exited);
     if (profile) {
       console.error(
