@@ -98,7 +98,7 @@ base="$cache/base-$kernel.cpio"
 key="$(
   {
     echo "$kver"
-    "$deno_bin" --version | head -n 1
+    "$deno_bin" --version | sed -n 1p
     stat -c '%s %Y' "$deno_bin"
     dpkg-query -W -f='${Package} ${Version}\n' busybox-static fio e2fsprogs xfsprogs util-linux \
       kmod coreutils diffutils psmisc dmsetup bash libc6 2>/dev/null || true

@@ -32,9 +32,10 @@ fi
 # A private apt configuration: its own source list, lists and cache, so the host's apt setup is
 # neither read for packages nor modified. The mirror is the host's own (read at run time), never a
 # host name written here.
+# FASTLOOP_DEBIAN_MIRROR overrides it on hosts whose apt points elsewhere (e.g. not Debian).
 sources=/etc/apt/sources.list.d/debian.sources
-mirror=""
-if [ -f "$sources" ]; then
+mirror="${FASTLOOP_DEBIAN_MIRROR:-}"
+if [ -z "$mirror" ] && [ -f "$sources" ]; then
   mirror="$(awk '/^URIs:/ { print $2; exit }' "$sources")"
 fi
 if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
@@ -42,7 +43,8 @@ if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
     /etc/apt/sources.list)"
 fi
 if [ -z "$mirror" ]; then
-  echo "fetch-kernel: cannot find the Debian mirror in $sources or /etc/apt/sources.list" >&2
+  echo "fetch-kernel: cannot find the Debian mirror in $sources or /etc/apt/sources.list" \
+    "(set FASTLOOP_DEBIAN_MIRROR)" >&2
   exit 1
 fi
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
