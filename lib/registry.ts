@@ -209,6 +209,11 @@ export function parseDeviceRef(ref: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
+/** A path as messages show it: bare when plain, JSON-quoted when empty or unusual (newlines). */
+export function quotePath(path: string): string {
+  return /^[\w./+@:,=-]+$/.test(path) ? path : JSON.stringify(path);
+}
+
 /**
  * Resolves what the user named (`/dev/ublkbN`, `ublkbN`, `N`, or the backing file) to a record.
  * Throws `UserError` exit 7 when it is not attached.
@@ -220,17 +225,17 @@ export function resolve(ref: string): RegistryEntry {
     if (record) return entryOf(record);
     // `N` could also be a file named N in the current directory.
     if (ref.startsWith("/dev/") || ref.startsWith("ublkb") || !exists(ref)) {
-      throw new UserError(`${ref} is not attached by fastloop`, ExitCode.notAttached);
+      throw new UserError(`${quotePath(ref)} is not attached by fastloop`, ExitCode.notAttached);
     }
   }
   if (!exists(ref)) {
     throw new UserError(
-      `${ref} is not attached (no such device or file)`,
+      `${quotePath(ref)} is not attached (no such device or file)`,
       ExitCode.notAttached,
     );
   }
   const entry = findByFile(ref);
-  if (!entry) throw new UserError(`${ref} is not attached`, ExitCode.notAttached);
+  if (!entry) throw new UserError(`${quotePath(ref)} is not attached`, ExitCode.notAttached);
   return entry;
 }
 

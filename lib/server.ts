@@ -51,6 +51,7 @@ import {
   FileClaim,
   findByFile,
   processStartTicks,
+  quotePath,
   readRecord,
   removeRecord,
   socketPath,
@@ -236,7 +237,9 @@ class Server {
     if (!claim) {
       const other = findByFile(o.filePath);
       throw new UserError(
-        `${o.filePath} is already attached${other ? ` as ${other.record.blockPath}` : ""}`,
+        `${quotePath(o.filePath)} is already attached${
+          other ? ` as ${other.record.blockPath}` : ""
+        }`,
         ExitCode.busy,
       );
     }
@@ -262,7 +265,7 @@ class Server {
     });
     const st = fstat(fd, o.filePath);
     if (st.dev.toString() !== identity.dev || st.ino.toString() !== identity.ino) {
-      throw new UserError(`${o.filePath} was replaced while attaching; try again`);
+      throw new UserError(`${quotePath(o.filePath)} was replaced while attaching; try again`);
     }
     if (st.size === 0 || st.size % 512 !== 0) {
       throw new UserError(`${o.filePath} is ${st.size} bytes, not a multiple of 512`);

@@ -18,7 +18,7 @@ import {
   ST_RDONLY,
 } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
-import { findByFile } from "./registry.ts";
+import { findByFile, quotePath as quote } from "./registry.ts";
 
 /** Bounds of `--queues` and `--depth`: one Worker thread per queue; ublk's per-queue maximum. */
 export const QUEUES_MIN = 1;
@@ -63,10 +63,6 @@ export interface AttachTarget {
   sizeBytes: number;
   dev: string;
   ino: string;
-}
-
-function quote(path: string): string {
-  return /^[\w./+@:,=-]+$/.test(path) ? path : JSON.stringify(path);
 }
 
 /** Checks that `path` names a file fastloop can attach (`readOnly`: only read access needed). */

@@ -304,9 +304,12 @@ Deno.test("detach of something not attached exits 7; detach --all with nothing e
       ["ublkb12", /ublkb12 is not attached by fastloop$/],
       [`${dir}/free.img`, /free\.img is not attached$/],
       [`${dir}/missing.img`, /missing\.img is not attached \(no such device or file\)$/],
+      ["", /^fastloop: "" is not attached/],
+      ["a b\nc", /^fastloop: "a b\\nc" is not attached/],
+      ["-1", /-1 is not attached/],
     ];
     for (const [ref, pattern] of cases) {
-      assertOneLineError(await fastloop(["detach", ref], { runDir }), 7, pattern);
+      assertOneLineError(await fastloop(["detach", "--", ref], { runDir }), 7, pattern);
     }
     const all = await fastloop(["detach", "--all"], { runDir });
     assert.deepEqual([all.code, all.stdout, all.stderr], [0, "", ""]);
