@@ -1,7 +1,9 @@
-//! The per-device server process (`fastloop __server`, started detached by `attach`): its main
-//! thread owns the file (opened once, carrying the lease), the lease policy, the device created by
-//! `lib/device.ts`, the registry record and the control socket. The queues run in Workers owned by
-//! the device; this thread never touches an IO.
+//! The two background processes of a device. The server (`fastloop __server`): its main thread
+//! owns the file (opened once, carrying the lease), the lease policy, the device created by
+//! `lib/device.ts`, the registry record and the control socket; the queues run in Workers owned
+//! by the device, so this thread never touches an IO. The supervisor (`__server --supervise`,
+//! the process `attach` leaves behind; `runSupervisor` at the end of this file) runs the server
+//! and restarts it through ublk user recovery when it dies.
 //!
 //! Start-up is all-or-nothing: every step pushes its undo on a stack, and a failure unwinds it
 //! before the one readiness line (`{"ok":false,…}`) goes out, so a failed attach leaves no device,

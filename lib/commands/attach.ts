@@ -1,16 +1,18 @@
-//! `fastloop attach FILE`: validate, start the device's server in the background, wait until it
-//! reports the device live (or why not), print `/dev/ublkbN` — like `losetup -f --show`.
+//! `fastloop attach FILE`: validate, start the device's processes in the background, wait until
+//! they report the device live (or why not), print `/dev/ublkbN` — like `losetup -f --show`.
 //!
-//! The server is this same program (`lib/self_exec.ts`) run as `fastloop __server`, detached:
-//! its own session, stdin closed, stdout a pipe that carries exactly one readiness line, stderr a
-//! pipe until the server points it at its log file. `attach` then lets go of it (`unref`), so the
-//! server outlives it. The server undoes its own half-made start-up before it reports a failure;
-//! if it never reports, `attach` kills it and removes whatever it left.
+//! What runs in the background is this same program (`lib/self_exec.ts`), so a compiled binary
+//! works too: `fastloop __server --supervise`, the supervisor, started detached (its own session,
+//! stdin closed, stdout a pipe that carries exactly one readiness line, stderr a pipe until it
+//! points it at its log file), which runs `fastloop __server` — the server — as its child and
+//! restarts it if it dies (`lib/server.ts`). `attach` then lets go of it (`unref`), so both
+//! outlive it. The server undoes its own half-made start-up before it reports a failure; if
+//! nothing reports, `attach` kills the supervisor's process group and removes what it left.
 
 import { libc } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
-import { cleanupDeadDevice, ensureRunDir, listRecords, logDir } from "../registry.ts";
+import { cleanupDeadDevice, ensureRunDir, listRecords, logDir, quotePath } from "../registry.ts";
 import { selfCommand } from "../self_exec.ts";
 import {
   DEPTH_DEFAULT,
@@ -121,7 +123,9 @@ export const command: Command = {
         console.log(String(reply["device"]));
         if (reply["mode"] === "file" && typeof reply["reason"] === "string") {
           console.error(
-            `fastloop: note: ${target.path} is served through the file: ${reply["reason"]}`,
+            `fastloop: note: ${quotePath(target.path)} is served through the file: ${
+              reply["reason"]
+            }`,
           );
         }
       }
@@ -150,7 +154,9 @@ export const command: Command = {
       ? `did not report within ${readyTimeoutMs() / 1000} s and was stopped`
       : `exited (${status}) before the device was live`;
     throw new UserError(
-      `The server for ${target.path} ${what}${detail ? `: ${detail}` : ""} (log: ${logPath})`,
+      `The server for ${quotePath(target.path)} ${what}${
+        detail ? `: ${detail}` : ""
+      } (log: ${logPath})`,
       ExitCode.failure,
     );
   },
