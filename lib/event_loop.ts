@@ -41,6 +41,7 @@ import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
+  libc,
 } from "../ffi/libc.ts";
 import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
 import { fiemap } from "../ffi/fiemap.ts";
@@ -1033,9 +1034,19 @@ export function runQueue(
     const profile = Deno.env.get("FASTLOOP_LOOP_STATS") === "1";
     let statTurn = 0;
     let turns = 0, cqes = 0, enterMs = 0, jsMs = 0, restMs = 0, t0 = 0, t1 = 0;
+    // Optional busy poll before sleeping (FASTLOOP_POLL_US): under a VM, waking a sleeping
+    // thread costs an IPI to another vCPU; peeking for a while with a non-blocking GETEVENTS
+    // (which also runs deferred task work, i.e. delivers ublk requests) can avoid it.
+    const pollMs = Number(Deno.env.get("FASTLOOP_POLL_US") ?? "0") / 1000;
     for (;;) {
       if (profile) t0 = performance.now();
-      ring.submitAndWait(1);
+      if (pollMs > 0 && ring.cqReady() === 0) {
+        ring.submit();
+        const until = performance.now() + pollMs;
+        while (ring.cqReady() === 0 && performance.now() < until) peek(ring);
+      }
+      if (ring.cqReady() === 0) ring.submitAndWait(1);
+      else ring.submit();
       if (profile) t1 = performance.now();
       const n = ring.reapCqes(onCqe);
       if (profile) {
@@ -1139,6 +1150,14 @@ function setupQueueRing(entries: number): IoUring {
       if (i === choices.length - 1) throw e;
     }
   }
+}
+
+const SYS_IO_URING_ENTER = 426n;
+const IORING_ENTER_GETEVENTS = 1;
+
+/** io_uring_enter(0, 0, GETEVENTS): runs pending task work, posts what is ready, never sleeps. */
+function peek(ring: IoUring): void {
+  libc.io_uring_enter(SYS_IO_URING_ENTER, ring.fd, 0, 0, IORING_ENTER_GETEVENTS, null, 0n);
 }
 
 function nextPow2(n: number): number {
