@@ -95,12 +95,16 @@ async function runCell(target: Target, cell: Cell): Promise<Sample> {
       `--filename=${target.device} --offset=${target.offset} --size=${target.size}`,
       `--rw=${cell.rw} --bs=${cell.bs} --iodepth=${cell.iodepth} --numjobs=1`,
       `--time_based --runtime=${runtimeSec} --ramp_time=1 --randrepeat=0 --norandommap`,
+      // The raw contender writes the region under the file while ext4 is mounted: fio refuses
+      // that unless told. Only the file's own blocks are written (the file is scratch data).
+      "--allow_mounted_write=1",
     ].join(" "),
   );
   const cpu1 = await busyJiffies();
   const cache1 = await cachedKiB();
   const job = JSON.parse(json.slice(json.indexOf("{"))).jobs[0];
   const side = cell.rw.includes("write") ? job.write : job.read;
+  if (job.error) throw new Error(`fio on ${target.device} (${cell.name}): error ${job.error}`);
   const pct = side.clat_ns.percentile ?? {};
   const ios = job.read.total_ios + job.write.total_ios;
   const hz = 100; // USER_HZ
