@@ -251,7 +251,9 @@ async function sparseCopyScenario(withFastloop: boolean): Promise<string> {
     ]);
   }
   const lines = [
-    `## Sparse-file copy: ${copyBytes >> 20} MiB written through ext4 on a sparse backing file`,
+    `## Sparse-file copy: ${
+      Math.round(copyBytes / 1048576)
+    } MiB written through ext4 on a sparse backing file`,
     "",
     "| contender | total s | MiB/s | slowest second MiB/s | longest write() ms | final fsync ms |",
     "|---|---|---|---|---|---|",
@@ -311,7 +313,7 @@ function render(
 ): string {
   const fmt = (n: number, digits = 0) => n.toFixed(digits);
   const lines = [
-    `# fastloop benchmark — kernel ${kernel}, ${regionBytes >> 20} MiB region, ` +
+    `# fastloop benchmark — kernel ${kernel}, ${Math.round(regionBytes / 1048576)} MiB region, ` +
     `${repeats} runs × ${runtimeSec}s per cell (median [min–max]); ratio = median / raw median`,
     "",
     "| cell | contender | IOPS | ratio | MiB/s | p50 µs | p99 µs | p99 ratio | CPU µs/IO | page cache +KiB |",
