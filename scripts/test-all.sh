@@ -67,8 +67,7 @@ if run_stage "setup (deps, Deno)" step bash -c \
   'bash scripts/install-deps.sh && bash scripts/setup.sh >/dev/null'; then
   deno_bin="$(bash scripts/setup.sh)"
   export PATH="$(dirname "$deno_bin"):$PATH"
-  run_stage "check (fmt, lint, types)" step bash -c \
-    'deno fmt --check && deno lint && deno check main.ts lib/ ffi/ test/ scripts/'
+  run_stage "check (fmt, lint, types)" step deno task check
   run_stage "host tests" tests deno test --allow-all test/host/
   for k in $kernels; do
     run_stage "vm tests (kernel $k)" tests bash scripts/vm.sh --kernel "$k" \
