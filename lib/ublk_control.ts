@@ -17,7 +17,13 @@
 //! built without legacy opcodes refuse the latter; kernels before `UBLK_F_CMD_IOCTL_ENCODE` refuse
 //! the former).
 
-import { IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_ANY, IoUring } from "../ffi/io_uring.ts";
+import {
+  IORING_ASYNC_CANCEL_ALL,
+  IORING_ASYNC_CANCEL_ANY,
+  IORING_ENTER_GETEVENTS,
+  IoUring,
+  SYS_io_uring_enter,
+} from "../ffi/io_uring.ts";
 import { AlignedBuffer, close, geteuid, libc, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBADF, EBUSY, ENOENT, EOPNOTSUPP, EPERM, SyscallError } from "../ffi/errno.ts";
 import { ExitCode, UserError } from "./errors.ts";
@@ -54,8 +60,6 @@ import {
 
 export const UBLK_CONTROL_PATH = "/dev/ublk-control";
 
-const SYS_IO_URING_ENTER = 426;
-const IORING_ENTER_GETEVENTS = 1;
 /** dev_id / queue_id meaning "none" (a new device's id chosen by the kernel; not a queue). */
 const NO_DEV_ID = 0xffffffff;
 const NO_QUEUE_ID = 0xffff;
@@ -333,7 +337,7 @@ export class UblkControl {
       this.#waiters++;
       try {
         const r = await libc.syscall_nonblocking(
-          BigInt(SYS_IO_URING_ENTER),
+          BigInt(SYS_io_uring_enter),
           BigInt(this.#ring.fd),
           0n,
           1n,
