@@ -65,6 +65,23 @@ export interface AttachTarget {
   ino: string;
 }
 
+/** What `info` is when it is not a regular file ("a directory", "a FIFO", …); null for one. */
+export function notRegularFileKind(info: Deno.FileInfo): string | null {
+  return info.isDirectory
+    ? "a directory"
+    : info.isBlockDevice
+    ? "a block device"
+    : info.isCharDevice
+    ? "a character device"
+    : info.isFifo
+    ? "a FIFO"
+    : info.isSocket
+    ? "a socket"
+    : info.isFile
+    ? null
+    : "not a regular file";
+}
+
 /** Checks that `path` names a file fastloop can attach (`readOnly`: only read access needed). */
 export function validateAttachFile(path: string, readOnly: boolean): AttachTarget {
   if (path === "") throw new UserError("The file name is empty");
@@ -83,18 +100,7 @@ export function validateAttachFile(path: string, readOnly: boolean): AttachTarge
     }
     throw new UserError(`${name} cannot be used: ${(e as Error).message}`);
   }
-  if (info.isDirectory) throw new UserError(`${name} is a directory, not a regular file`);
-  const kind = info.isBlockDevice
-    ? "a block device"
-    : info.isCharDevice
-    ? "a character device"
-    : info.isFifo
-    ? "a FIFO"
-    : info.isSocket
-    ? "a socket"
-    : info.isFile
-    ? null
-    : "not a regular file";
+  const kind = notRegularFileKind(info);
   if (kind) throw new UserError(`${name} is ${kind}, not a regular file`);
 
   let fd: number;

@@ -23,6 +23,7 @@ import {
   filesystemEligibility,
 } from "../eligibility.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
+import { notRegularFileKind } from "../validate.ts";
 
 const HELP = `Usage: fastloop map FILE [--json]
 
@@ -145,20 +146,8 @@ function openRegularFile(path: string): number {
     }
     throw new UserError(`Cannot stat ${path}: ${e instanceof Error ? e.message : e}`);
   }
-  const what = info.isDirectory
-    ? "a directory"
-    : info.isBlockDevice
-    ? "a block device"
-    : info.isCharDevice
-    ? "a character device"
-    : info.isFifo
-    ? "a FIFO"
-    : info.isSocket
-    ? "a socket"
-    : info.isFile
-    ? undefined
-    : "not a regular file";
-  if (what !== undefined) throw new UserError(`${path} is ${what}, not a regular file`);
+  const what = notRegularFileKind(info);
+  if (what !== null) throw new UserError(`${path} is ${what}, not a regular file`);
   const fd = openPastLease(path);
   // The path may have changed between stat and open: the fd is the truth.
   if ((fstat(fd, path).mode & S_IFMT) !== S_IFREG) {
