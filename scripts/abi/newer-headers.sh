@@ -22,34 +22,11 @@ if [ -f "$dest/version" ]; then
   exit 0
 fi
 
-sources=/etc/apt/sources.list.d/debian.sources
-mirror=""
-if [ -f "$sources" ]; then
-  mirror="$(awk '/^URIs:/ { print $2; exit }' "$sources")"
-fi
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-  mirror="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' \
-    /etc/apt/sources.list)"
-fi
-if [ -z "$mirror" ]; then
-  echo "newer-headers: cannot find the Debian mirror in $sources or /etc/apt/sources.list" >&2
-  exit 1
-fi
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+# shellcheck source=../lib/debian-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/debian-apt.sh"
 aptdir="$cache/abi-apt"
-mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial"
-printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" trixie-backports \
-  >"$aptdir/sources.list"
-apt_opts=(
-  -o "Dir::Etc::SourceList=$aptdir/sources.list"
-  -o "Dir::Etc::SourceParts=/dev/null"
-  -o "Dir::State::Lists=$aptdir/lists"
-  -o "Dir::Cache=$aptdir"
-  -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
-  -o "Dir::State::status=/dev/null"
-  -o "APT::Sandbox::User=root"
-)
-echo "newer-headers: fetching linux-libc-dev from trixie-backports ($mirror)" >&2
+private_apt newer-headers "$aptdir" trixie-backports
+echo "newer-headers: fetching linux-libc-dev from trixie-backports ($apt_mirror)" >&2
 apt-get "${apt_opts[@]}" -qq update >&2
 
 work="$(mktemp -d "$cache/abi-fetch.XXXXXX")"

@@ -33,36 +33,11 @@ fi
 # neither read for packages nor modified. The mirror is the host's own (read at run time), never a
 # host name written here.
 # FASTLOOP_DEBIAN_MIRROR overrides it on hosts whose apt points elsewhere (e.g. not Debian).
-sources=/etc/apt/sources.list.d/debian.sources
-mirror="${FASTLOOP_DEBIAN_MIRROR:-}"
-if [ -z "$mirror" ] && [ -f "$sources" ]; then
-  mirror="$(awk '/^URIs:/ { print $2; exit }' "$sources")"
-fi
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-  mirror="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' \
-    /etc/apt/sources.list)"
-fi
-if [ -z "$mirror" ]; then
-  echo "fetch-kernel: cannot find the Debian mirror in $sources or /etc/apt/sources.list" \
-    "(set FASTLOOP_DEBIAN_MIRROR)" >&2
-  exit 1
-fi
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+# shellcheck source=../lib/debian-apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/debian-apt.sh"
 aptdir="$cache/apt"
-mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial"
-printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" trixie "$keyring" "$mirror" \
-  trixie-backports >"$aptdir/sources.list"
-apt_opts=(
-  -o "Dir::Etc::SourceList=$aptdir/sources.list"
-  -o "Dir::Etc::SourceParts=/dev/null"
-  -o "Dir::State::Lists=$aptdir/lists"
-  -o "Dir::Cache=$aptdir"
-  -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
-  -o "Dir::State::status=/dev/null"
-  # Downloads land in a root-owned temp dir that the _apt sandbox user could not write.
-  -o "APT::Sandbox::User=root"
-)
-echo "fetch-kernel: updating package lists (trixie, trixie-backports) from $mirror" >&2
+private_apt fetch-kernel "$aptdir" trixie trixie-backports
+echo "fetch-kernel: updating package lists (trixie, trixie-backports) from $apt_mirror" >&2
 apt-get "${apt_opts[@]}" -qq update >&2
 
 # Newest version of the series in the suite: compare with dpkg's own ordering.
