@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Boots the fastloop test VM (a Debian kernel with ublk_drv under QEMU TCG) and runs one command
-# inside it as root, in /fastloop (a copy of the project tree), with a scratch virtio disk /dev/vda.
+# inside it as root, in /fastloop (a copy of the project tree at its host path), with a scratch
+# virtio disk /dev/vda.
 # Streams the console to stdout and exits with the command's exit status; stage timings go to
 # stderr. A VM that never reports the status (boot failure, panic, timeout) exits 125, loudly.
 #
@@ -117,10 +118,13 @@ else
 fi
 
 # Per-run overlay: the project tree (tracked plus untracked non-ignored files, as the working tree
-# has them) under /fastloop, the command as /run-cmd, and a per-run nonce in the markers so that
-# nothing the command prints (a test echoing a marker, an old log) is taken for them.
+# has them) at the same absolute path as on the host, with /fastloop pointing at it; a Deno cache
+# filled on the host for that tree; the command as /run-cmd; and a per-run nonce in the markers so
+# that nothing the command prints (a test echoing a marker, an old log) is taken for them.
 ov="$run_tmp/overlay"
-mkdir -p "$ov/fastloop" "$ov/etc/fastloop"
+vm_tree="$ov$root"
+mkdir -p "$vm_tree" "$ov/etc/fastloop"
+if [ "$root" != /fastloop ]; then ln -s "$root" "$ov/fastloop"; fi
 (
   cd "$root"
   if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -134,7 +138,22 @@ mkdir -p "$ov/fastloop" "$ov/etc/fastloop"
     case "$f" in .tools/* | .cache/* | .git/*) continue ;; esac
     if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi
   done
-) | (cd "$root" && cpio -pdm0 --quiet "$ov/fastloop")
+) | (cd "$root" && cpio -pdm0 --quiet "$vm_tree")
+# Deno keys its transpile and V8 code caches by module URL and source hash: filled here, on a real
+# CPU, for the tree at the path it has in the VM, they spare every Deno process under TCG seconds of
+# transpiling (a cold 'fastloop' call costs 5-7 s there). A failure here only costs that time.
+deno_dir_vm=/var/cache/fastloop-deno
+mkdir -p "$ov$deno_dir_vm"
+(
+  cd "$root" &&
+    shopt -s nullglob &&
+    DENO_DIR="$ov$deno_dir_vm" "$deno_bin" cache --quiet main.ts lib/queue_worker.ts \
+      test/vm/*.ts bench/*.ts &&
+    for command in attach detach stat map doctor; do
+      DENO_DIR="$ov$deno_dir_vm" "$deno_bin" run --allow-all --no-check --quiet main.ts \
+        "$command" --help >/dev/null || exit
+    done
+) || stage_log initramfs "warning: could not pre-fill the Deno cache (Deno calls will be slower)"
 nonce="$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 echo "$nonce" >"$ov/etc/fastloop/nonce"
 {
@@ -147,6 +166,7 @@ echo "$nonce" >"$ov/etc/fastloop/nonce"
   done
   # Colours in the console stream make logs and deno's summary lines hard to parse.
   if [ ! -t 1 ]; then echo 'export NO_COLOR=1'; fi
+  echo "export DENO_DIR=$deno_dir_vm"
   echo 'cd /fastloop'
   printf 'exec'
   printf ' %q' "$@"
