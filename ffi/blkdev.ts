@@ -14,6 +14,7 @@ import {
   ioctl,
   O_RDONLY,
   open,
+  pathExists,
   S_IFBLK,
   S_IFMT,
 } from "./libc.ts";
@@ -179,7 +180,7 @@ export function backingDeviceOf(fd: number, path: string): BackingDevice {
       name,
       major,
       minor,
-      partition: exists(`${sys}/partition`),
+      partition: pathExists(`${sys}/partition`),
       sizeBytes: blockDeviceSize(devFd, devicePath),
       logicalBlockSize: logicalBlockSize(devFd, devicePath),
       physicalBlockSize: physicalBlockSize(devFd, devicePath),
@@ -218,15 +219,6 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     throw new UserError(`${devicePath} is not block device ${major}:${minor}`);
   }
   return fd;
-}
-
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** `BLKGETSIZE64` of an open block device. */

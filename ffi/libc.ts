@@ -252,6 +252,16 @@ export function munmap(p: Deno.PointerValue, len: number): void {
   check(libc.munmap(p, BigInt(len)), "munmap", `${len} bytes`);
 }
 
+/** True when `path` names anything stat(2) can reach (a sysfs attribute, a device node). */
+export function pathExists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Native, page-aligned, zeroed memory that the kernel can DMA into (O_DIRECT, io_uring).
  * It is never moved by the JS GC; free it with `free()`.

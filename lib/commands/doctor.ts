@@ -4,7 +4,7 @@
 
 import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UserError } from "../errors.ts";
-import { geteuid } from "../../ffi/libc.ts";
+import { geteuid, pathExists } from "../../ffi/libc.ts";
 import { IoUring } from "../../ffi/io_uring.ts";
 import { featureNames, hasFeature, UBLK_F_USER_RECOVERY } from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
@@ -43,18 +43,9 @@ function readText(path: string): string | null {
   }
 }
 
-function exists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Where ublk_drv would come from on this kernel: already loaded, built in, a module file, none. */
 function ublkModuleAvailability(release: string): DoctorReport["ublk"]["moduleAvailable"] {
-  if (exists("/sys/module/ublk_drv")) return "loaded";
+  if (pathExists("/sys/module/ublk_drv")) return "loaded";
   const base = `/lib/modules/${release}`;
   if (readText(`${base}/modules.builtin`)?.includes("/ublk_drv.ko")) return "builtin";
   if (readText(`${base}/modules.dep`)?.match(/(^|\/)ublk_drv\.ko[^:]*:/m)) return "loadable";
@@ -98,7 +89,7 @@ export function runChecks(): DoctorReport {
 
   const moduleAvailable = ublkModuleAvailability(kernel);
   const moduleLoaded = moduleAvailable === "loaded";
-  const controlDevice = exists(UBLK_CONTROL_PATH);
+  const controlDevice = pathExists(UBLK_CONTROL_PATH);
   checks.push({
     name: "ublk_drv",
     ok: controlDevice,
