@@ -23,6 +23,10 @@ const COMMANDS: Record<string, { summary: string; load: Loader }> = {
     summary: "show attached devices, their IO paths, lease state and counters",
     load: () => import("./lib/commands/stat.ts"),
   },
+  recover: {
+    summary: "bring back a device whose server and supervisor are gone (ublk user recovery)",
+    load: () => import("./lib/commands/recover.ts"),
+  },
   map: {
     summary: "show a file's extents and which of them fastloop can reach directly",
     load: () => import("./lib/commands/map.ts"),

@@ -36,11 +36,13 @@ import {
   CTRL_MB_OP,
   CTRL_MB_SEQ,
   CTRL_STATE,
+  type LastError,
   MbOp,
   type ModeName,
   modeOf,
   type QueueConfig,
   QueueState,
+  readLastError,
   SharedViews,
 } from "./event_loop.ts";
 import type { WorkerMessage } from "./queue_worker.ts";
@@ -82,7 +84,11 @@ export interface DeviceCounters {
   extentsCached: number;
   extentCacheBytes: number;
   inflight: number;
+  /** Requests completed with an error: all, by kind, and the latest (any queue). */
   errors: number;
+  errorsByKind: { eio: number; enospc: number; other: number };
+  fiemapErrors: number;
+  lastError: (Omit<LastError, "atMs"> & { at: string }) | null;
   retries: number;
 }
 
@@ -250,6 +256,13 @@ class UblkDevice implements Device {
       extentCacheBytes: sum(Counter.extentCacheBytes),
       inflight: sum(Counter.inflight),
       errors: sum(Counter.errors),
+      errorsByKind: {
+        eio: sum(Counter.errorsEio),
+        enospc: sum(Counter.errorsEnospc),
+        other: sum(Counter.errorsOther),
+      },
+      fiemapErrors: sum(Counter.fiemapErrors),
+      lastError: latestError(this.#q.map((q) => q.views)),
       retries: sum(Counter.retries),
     };
   }
@@ -285,6 +298,18 @@ class UblkDevice implements Device {
       this.#ctl.close();
     }
   }
+}
+
+/** The most recent of the queues' last errors, with its time as an ISO string. */
+function latestError(views: SharedViews[]): DeviceCounters["lastError"] {
+  let latest: LastError | null = null;
+  for (const v of views) {
+    const e = readLastError(v);
+    if (e && (latest === null || e.atMs >= latest.atMs)) latest = e;
+  }
+  if (latest === null) return null;
+  const { atMs, ...rest } = latest;
+  return { ...rest, at: new Date(atMs).toISOString() };
 }
 
 function ringDoorbell(eventFd: number): void {

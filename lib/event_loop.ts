@@ -26,8 +26,9 @@
 //! to a plain written extent) → the file itself, O_DIRECT, after which the cached range is
 //! invalidated (the filesystem may have allocated or converted it). The request completes once,
 //! when its last backend IO finishes: the full length, or the first error. Backend errors complete
-//! that request with -errno and never stop the queue; EINTR/EAGAIN and short transfers are
-//! re-issued.
+//! that request with -errno and never stop the queue; EINTR/EAGAIN (reads, writes, fdatasync,
+//! fallocate) and short transfers are re-issued. Failed requests are counted by errno kind (EIO,
+//! ENOSPC, other) and the last one is kept (errno, op, offset, path, time) for `stat`.
 
 import {
   IORING_SETUP_COOP_TASKRUN,
@@ -43,7 +44,16 @@ import {
   FALLOC_FL_ZERO_RANGE,
   libc,
 } from "../ffi/libc.ts";
-import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
+import {
+  EAGAIN,
+  EINTR,
+  EIO,
+  ENOSPC,
+  EOPNOTSUPP,
+  EROFS,
+  errnoName,
+  SyscallError,
+} from "../ffi/errno.ts";
 import { fiemap } from "../ffi/fiemap.ts";
 import {
   IO_CMD_ADDR,
@@ -91,7 +101,7 @@ export const CTRL_MB_OP = 2; // mailbox: MbOp
 export const CTRL_MB_MODE = 3; // mailbox: argument of setMode
 export const CTRL_STATE = 4; // QueueState, written by the worker
 export const CTRL_MODE = 5; // the mode in force (worker)
-export const CTRL_ERRNO = 6; // last backend errno (worker)
+export const CTRL_ERR_SEQ = 6; // seqlock of the last-error slots: odd while the worker writes them
 /** Float64 argument slots per queue. */
 const MB_ARGS = 2;
 export const ARG_OFFSET = 0;
@@ -119,10 +129,72 @@ export const Counter = {
   extentsCached: 14,
   extentCacheBytes: 15,
   inflight: 16,
+  /** Requests completed with an error, in all (= the three kinds below). */
   errors: 17,
   retries: 18,
+  errorsEio: 19,
+  errorsEnospc: 20,
+  errorsOther: 21,
+  /** FIEMAP failures (the request then went through the file; not a request error). */
+  fiemapErrors: 22,
+  // The last error (guarded by CTRL_ERR_SEQ): errno, ErrorOp, request range, ErrorPath, epoch ms.
+  lastErrorErrno: 23,
+  lastErrorOp: 24,
+  lastErrorOffset: 25,
+  lastErrorLength: 26,
+  lastErrorPath: 27,
+  lastErrorAtMs: 28,
 } as const;
-const COUNTERS = 24;
+const COUNTERS = 32;
+
+/** What failed, for the last error: a ublk op (UBLK_IO_OP_*) or a FIEMAP lookup. */
+export const ERROR_OP_FIEMAP = 254;
+const ERROR_OP_NAMES: Record<number, string> = {
+  [UBLK_IO_OP_READ]: "read",
+  [UBLK_IO_OP_WRITE]: "write",
+  [UBLK_IO_OP_FLUSH]: "flush",
+  [UBLK_IO_OP_DISCARD]: "discard",
+  [UBLK_IO_OP_WRITE_ZEROES]: "write-zeroes",
+  [ERROR_OP_FIEMAP]: "fiemap",
+};
+/** Where it failed: refused by the server before any backend IO, the filesystem's device, the file. */
+export const ErrorPath = { server: 0, direct: 1, file: 2 } as const;
+const ERROR_PATH_NAMES = ["server", "direct", "file"] as const;
+
+/** The last error of a queue (or of a device: the latest of its queues'). */
+export interface LastError {
+  errno: string;
+  op: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  path: (typeof ERROR_PATH_NAMES)[number];
+  /** Milliseconds since the epoch. */
+  atMs: number;
+}
+
+/**
+ * Reads a queue's last error without stopping its worker (seqlock: retried while the worker is
+ * writing it); null when the queue has had none.
+ */
+export function readLastError(views: SharedViews): LastError | null {
+  const c = views.counters;
+  // A worker that died half-way through a write leaves the sequence odd: give up after a while.
+  for (let attempt = 0; attempt < 10_000; attempt++) {
+    const seq = Atomics.load(views.ctrl, CTRL_ERR_SEQ);
+    if (seq === 0) return null;
+    if (seq & 1) continue;
+    const e: LastError = {
+      errno: errnoName(c[Counter.lastErrorErrno]!),
+      op: ERROR_OP_NAMES[c[Counter.lastErrorOp]!] ?? `op ${c[Counter.lastErrorOp]}`,
+      offsetBytes: c[Counter.lastErrorOffset]!,
+      lengthBytes: c[Counter.lastErrorLength]!,
+      path: ERROR_PATH_NAMES[c[Counter.lastErrorPath]!] ?? "server",
+      atMs: c[Counter.lastErrorAtMs]!,
+    };
+    if (Atomics.load(views.ctrl, CTRL_ERR_SEQ) === seq) return e;
+  }
+  return null;
+}
 
 // Invalidation log: every queue appends the file ranges it changed through the file (writes
 // into holes/unwritten/shared extents, punches); the others apply them to their own caches
@@ -374,6 +446,7 @@ export class QueueEngine {
   readonly #direct: Int32Array; // backend IOs of this tag on the block device, in flight
   readonly #directWrites: Int32Array;
   readonly #error: Int32Array; // first -errno
+  readonly #errorPath: Uint8Array; // ErrorPath of that error
   readonly #viaFile: Uint8Array; // 1 if a write went through the file
   readonly #segCount: Int32Array;
   // Per tag × segment: what to re-issue on EINTR/EAGAIN or a short transfer.
@@ -421,6 +494,7 @@ export class QueueEngine {
     this.#direct = new Int32Array(n);
     this.#directWrites = new Int32Array(n);
     this.#error = new Int32Array(n);
+    this.#errorPath = new Uint8Array(n);
     this.#viaFile = new Uint8Array(n);
     this.#segCount = new Int32Array(n);
     this.#segFd = new Int32Array(n * SEG_MAX);
@@ -485,6 +559,7 @@ export class QueueEngine {
     this.#direct[tag] = 0;
     this.#directWrites[tag] = 0;
     this.#error[tag] = 0;
+    this.#errorPath[tag] = ErrorPath.server;
     this.#viaFile[tag] = 0;
     this.#segCount[tag] = 0;
     const end = this.#offset[tag]! + this.#length[tag]!;
@@ -566,8 +641,14 @@ export class QueueEngine {
         } catch (e) {
           // FIEMAP failed (e.g. EIO from the filesystem): the file path is always safe.
           useFile = true;
-          c[Counter.errors]!++;
-          if (e instanceof SyscallError) Atomics.store(this.views.ctrl, CTRL_ERRNO, e.errno);
+          c[Counter.fiemapErrors]!++;
+          this.#recordError(
+            e instanceof SyscallError ? e.errno : EIO,
+            ERROR_OP_FIEMAP,
+            pos,
+            length - cursor,
+            ErrorPath.file,
+          );
         }
       }
       if (useFile) {
@@ -707,7 +788,7 @@ export class QueueEngine {
     if (res <= 0 && this.#error[tag] === 0) {
       // 0 bytes for a non-empty segment: the file ended under us (truncated): an IO error.
       this.#error[tag] = res < 0 ? res : -EIO;
-      Atomics.store(this.views.ctrl, CTRL_ERRNO, res < 0 ? -res : EIO);
+      this.#errorPath[tag] = this.#segDirect[k] ? ErrorPath.direct : ErrorPath.file;
     }
     if (this.#pending[tag] !== 0) return;
     if (this.#error[tag] === 0 && this.#cursor[tag]! < this.#length[tag]!) {
@@ -733,23 +814,29 @@ export class QueueEngine {
     const fileToo = this.#fileDirty || this.#cfg.backingFd < 0;
     this.#fileDirty = false;
     this.#viaFile[tag] = fileToo ? 1 : 0;
-    if (this.#cfg.backingFd >= 0) {
-      this.ring.prepFsync(this.#sqe(), this.#cfg.backingFd, true, ud(tag, 0, KIND_FSYNC, true));
-      this.#pending[tag]!++;
-      this.backendInflight++;
-    }
-    if (fileToo) {
-      this.ring.prepFsync(this.#sqe(), this.#cfg.fileFd, true, ud(tag, 1, KIND_FSYNC, true));
-      this.#pending[tag]!++;
-      this.backendInflight++;
-    }
+    if (this.#cfg.backingFd >= 0) this.#submitFsync(tag, 0);
+    if (fileToo) this.#submitFsync(tag, 1);
   }
 
-  #fsyncDone(tag: number, res: number): void {
+  /** fdatasync of the filesystem's device (segment 0) or of the file (segment 1). */
+  #submitFsync(tag: number, seg: number): void {
+    const fd = seg === 0 ? this.#cfg.backingFd : this.#cfg.fileFd;
+    this.ring.prepFsync(this.#sqe(), fd, true, ud(tag, seg, KIND_FSYNC, true));
+    this.#pending[tag]!++;
+    this.backendInflight++;
+  }
+
+  #fsyncDone(tag: number, seg: number, res: number): void {
     this.#pending[tag]!--;
     this.backendInflight--;
+    if (res === -EINTR || res === -EAGAIN) {
+      this.views.counters[Counter.retries]!++;
+      this.#submitFsync(tag, seg);
+      return;
+    }
     if (res < 0 && this.#error[tag] === 0) {
       this.#error[tag] = res;
+      this.#errorPath[tag] = seg === 0 ? ErrorPath.direct : ErrorPath.file;
       // The file's metadata may still be unsynced: flush it again next time.
       if (this.#viaFile[tag]) this.#fileDirty = true;
     }
@@ -762,14 +849,20 @@ export class QueueEngine {
   #punch(tag: number): void {
     const offset = this.#offset[tag]!;
     const length = this.#length[tag]!;
-    const zero = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES &&
-      (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
-    const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
     // No direct IO may use a mapping from before the punch: forget it now, steer overlapping
     // requests to the file while the punch runs, and forget it again when it is done.
     this.cache?.invalidate(offset, length);
     this.#punching.set(tag, [offset, length]);
     this.#fileDirty = true;
+    this.#submitPunch(tag);
+  }
+
+  #submitPunch(tag: number): void {
+    const offset = this.#offset[tag]!;
+    const length = this.#length[tag]!;
+    const zero = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES &&
+      (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
+    const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
     this.ring.prepFallocate(
       this.#sqe(),
       this.#cfg.fileFd,
@@ -785,6 +878,11 @@ export class QueueEngine {
   #punchDone(tag: number, res: number): void {
     this.#pending[tag]!--;
     this.backendInflight--;
+    if (res === -EINTR || res === -EAGAIN) {
+      this.views.counters[Counter.retries]!++;
+      this.#submitPunch(tag);
+      return;
+    }
     this.#punching.delete(tag);
     this.#changed(this.#offset[tag]!, this.#length[tag]!);
     if (this.#punchSlot[tag]! >= 0) {
@@ -792,7 +890,7 @@ export class QueueEngine {
       this.#punchSlot[tag] = -1;
     }
     if (res >= 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
-    else Atomics.store(this.views.ctrl, CTRL_ERRNO, -res);
+    else this.#errorPath[tag] = ErrorPath.file;
     this.#finish(tag, res < 0 ? res : 0);
   }
 
@@ -823,12 +921,43 @@ export class QueueEngine {
   }
 
   #finish(tag: number, result: number): void {
+    const c = this.views.counters;
+    if (result < 0) {
+      c[Counter.errors]!++;
+      c[
+        result === -EIO
+          ? Counter.errorsEio
+          : result === -ENOSPC
+          ? Counter.errorsEnospc
+          : Counter.errorsOther
+      ]!++;
+      this.#recordError(
+        -result,
+        this.#op[tag]!,
+        this.#offset[tag]!,
+        this.#length[tag]!,
+        this.#errorPath[tag]!,
+      );
+    }
     this.#op[tag] = OP_NONE;
     if (this.#multi) this.views.clearFence(this.#cfg.queueId, tag);
-    const c = this.views.counters;
     c[Counter.inflight]!--;
-    if (result < 0) c[Counter.errors]!++;
     this.#completer.complete(tag, result);
+  }
+
+  /** Keeps the last error for `stat` (numbers only: nothing allocated on the IO path). */
+  #recordError(errno: number, op: number, offset: number, length: number, path: number): void {
+    const c = this.views.counters;
+    const ctrl = this.views.ctrl;
+    // Seqlock: odd while the slots are being written, so a reader never mixes two errors.
+    Atomics.add(ctrl, CTRL_ERR_SEQ, 1);
+    c[Counter.lastErrorErrno] = errno;
+    c[Counter.lastErrorOp] = op;
+    c[Counter.lastErrorOffset] = offset;
+    c[Counter.lastErrorLength] = length;
+    c[Counter.lastErrorPath] = path;
+    c[Counter.lastErrorAtMs] = Date.now();
+    Atomics.add(ctrl, CTRL_ERR_SEQ, 1);
   }
 
   // --- dispatch -------------------------------------------------------------------------------
@@ -841,7 +970,7 @@ export class QueueEngine {
       case KIND_RW:
         return this.#segmentDone(tag, seg, res);
       case KIND_FSYNC:
-        return this.#fsyncDone(tag, res);
+        return this.#fsyncDone(tag, seg, res);
       case KIND_FALLOC:
         return this.#punchDone(tag, res);
     }

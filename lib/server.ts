@@ -663,6 +663,8 @@ export interface SupervisorOptions {
   /** `__server FILE ...` arguments for each server it starts. */
   serverArgs: string[];
   recoverable: boolean;
+  /** `fastloop recover`: the first server takes over this device (its supervisor is gone). */
+  recoverDeviceId?: number;
 }
 
 /**
@@ -690,7 +692,8 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       }
     });
   }
-  let deviceId: number | null = null;
+  let deviceId: number | null = opts.recoverDeviceId ?? null;
+  if (deviceId !== null) say(`taking over ublkb${deviceId}, whose supervisor is gone`);
   let reported = false;
   const deaths: number[] = [];
   let diedAt = 0;

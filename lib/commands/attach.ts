@@ -166,7 +166,7 @@ export const command: Command = {
   },
 };
 
-function readyTimeoutMs(): number {
+export function readyTimeoutMs(): number {
   const env = Number(Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS"));
   return Number.isFinite(env) && env > 0 ? env : READY_TIMEOUT_MS_DEFAULT;
 }
@@ -178,7 +178,7 @@ function logName(filePath: string): string {
   return `${base || "file"}-${stamp}-${Deno.pid}.log`;
 }
 
-type Readiness =
+export type Readiness =
   | { kind: "ok"; reply: Record<string, unknown> }
   | { kind: "failed"; error: string; exitCode: number }
   | { kind: "eof" | "timeout"; stderr: string };
@@ -187,7 +187,10 @@ type Readiness =
  * Reads the server's one readiness line. Its stderr is collected meanwhile: it holds whatever the
  * server printed before it switched to its log (e.g. Deno failing to start).
  */
-async function awaitReadiness(child: Deno.ChildProcess, timeoutMs: number): Promise<Readiness> {
+export async function awaitReadiness(
+  child: Deno.ChildProcess,
+  timeoutMs: number,
+): Promise<Readiness> {
   const decoder = new TextDecoder();
   let stderrText = "";
   const stderrReader = child.stderr.getReader();
@@ -252,7 +255,10 @@ async function awaitReadiness(child: Deno.ChildProcess, timeoutMs: number): Prom
   };
 }
 
-async function waitExit(child: Deno.ChildProcess, timeoutMs: number): Promise<string | null> {
+export async function waitExit(
+  child: Deno.ChildProcess,
+  timeoutMs: number,
+): Promise<string | null> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const status = await Promise.race([
     child.status,
@@ -264,7 +270,7 @@ async function waitExit(child: Deno.ChildProcess, timeoutMs: number): Promise<st
 }
 
 /** SIGTERM (the server cleans up), then SIGKILL if it does not exit in 10 s. */
-async function killAndReap(child: Deno.ChildProcess): Promise<string> {
+export async function killAndReap(child: Deno.ChildProcess): Promise<string> {
   try {
     child.kill("SIGTERM");
   } catch {
@@ -278,12 +284,12 @@ async function killAndReap(child: Deno.ChildProcess): Promise<string> {
   return (await waitExit(child, 5_000)) ?? "unkillable";
 }
 
-function lastLine(text: string): string {
+export function lastLine(text: string): string {
   const lines = text.split("\n").map((l) => l.trim()).filter((l) => l !== "");
   return (lines[lines.length - 1] ?? "").slice(0, 300);
 }
 
-function readLog(path: string): string {
+export function readLog(path: string): string {
   try {
     return Deno.readTextFileSync(path);
   } catch {

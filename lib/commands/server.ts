@@ -22,7 +22,7 @@ export const command: Command = {
   help: [
     "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
     "                         [--no-recover] [--dev DEV --ino INO]",
-    "                         [--supervise | --supervised [--recover ID]]",
+    "                         [--supervise | --supervised] [--recover ID]",
     "",
     "Internal: the background process behind one device, started by 'fastloop attach'.",
     "It writes one JSON readiness line on stdout, then logs to PATH. With --supervise it is the",
@@ -47,13 +47,20 @@ export const command: Command = {
       throw new UsageError("__server: needs exactly one FILE and --log PATH");
     }
     const recoverable = !(values["no-recover"] ?? false);
+    const recoverDeviceId = values.recover === undefined
+      ? undefined
+      : parseIntFlag("__server", "recover", values.recover, 0, 0, 1 << 20);
     if (values.supervise) {
-      // Same arguments for every server the supervisor starts, minus this flag.
-      return await runSupervisor({
-        logPath: values.log,
-        serverArgs: ["__server", ...args.filter((a) => a !== "--supervise")],
-        recoverable,
-      });
+      // Same arguments for every server the supervisor starts, minus this flag and --recover
+      // (`fastloop recover`), which the supervisor adds itself when a server must take over.
+      const serverArgs = ["__server"];
+      for (let i = 0; i < args.length; i++) {
+        if (args[i] === "--recover") i++;
+        else if (!args[i]!.startsWith("--recover=") && args[i] !== "--supervise") {
+          serverArgs.push(args[i]!);
+        }
+      }
+      return await runSupervisor({ logPath: values.log, serverArgs, recoverable, recoverDeviceId });
     }
     return await runServer({
       filePath,
@@ -73,9 +80,7 @@ export const command: Command = {
       expectDev: values.dev,
       expectIno: values.ino,
       supervised: values.supervised ?? false,
-      recoverDeviceId: values.recover === undefined
-        ? undefined
-        : parseIntFlag("__server", "recover", values.recover, 0, 0, 1 << 20),
+      recoverDeviceId,
     });
   },
 };

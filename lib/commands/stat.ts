@@ -14,8 +14,9 @@ const HELP = `Usage: fastloop stat [DEV|FILE] [--json]
 
 Show fastloop's devices: backing file and filesystem device, IO mode (fast: direct IO to the
 filesystem's device; file: through the file; mixed: both seen), lease state, queues x depth, and
-live counters split by path, extent cache, FIEMAP calls, in-flight IO, server memory.
-Prints nothing (JSON: []) when no device is attached.
+live counters split by path, extent cache, FIEMAP calls, in-flight IO, server memory, and the
+IO errors the device returned (by kind: EIO, ENOSPC, other; the last one is printed under the
+table with its operation, offset and path). Prints nothing (JSON: []) when no device is attached.
 
 Options:
   --json       print a JSON array, one object per device
@@ -38,6 +39,10 @@ export const command: Command = {
       console.log(JSON.stringify(rows, null, 2));
     } else if (rows.length > 0) {
       console.log(table(rows));
+      for (const row of rows) {
+        const last = lastErrorLine(row);
+        if (last) console.log(last);
+      }
     }
     return 0;
   },
@@ -150,6 +155,7 @@ function table(rows: Row[]): string {
     "HIT/MISS",
     "FIEMAP",
     "INFL",
+    "ERRORS",
     "RSS",
     "SERVER",
   ];
@@ -178,6 +184,7 @@ function table(rows: Row[]): string {
       `${count(counter(row, "cacheHits"))}/${count(counter(row, "cacheMisses"))}`,
       count(counter(row, "fiemapCalls")),
       count(counter(row, "inflight")),
+      errorsCell(row),
       bytes(typeof row["rssBytes"] === "number" ? row["rssBytes"] : undefined),
       `${server?.state ?? "?"}(${server?.pid ?? "?"})`,
     ];
@@ -186,6 +193,30 @@ function table(rows: Row[]): string {
   return [header, ...lines]
     .map((cells) => cells.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd())
     .join("\n");
+}
+
+/** `0`, or `3(eio 2,enospc 1)`: the requests that failed, by kind. */
+function errorsCell(row: Row): string {
+  const total = counter(row, "errors");
+  if (total === undefined) return "-";
+  if (total === 0) return "0";
+  const kinds = ["eio", "enospc", "other"]
+    .map((k) => [k, counter(row, `errorsByKind.${k}`) ?? 0] as const)
+    .filter(([, n]) => n > 0)
+    .map(([k, n]) => `${k} ${n}`);
+  return `${total}(${kinds.join(",")})`;
+}
+
+/** `ublkb0: last error EIO on write of 4096 bytes at offset 1048576 (direct), at TIME`. */
+function lastErrorLine(row: Row): string | null {
+  const e = (row["counters"] as Record<string, unknown> | undefined)?.["lastError"] as
+    | Record<string, unknown>
+    | null
+    | undefined;
+  if (!e) return null;
+  const name = String(row["device"] ?? "-").replace(/^\/dev\//, "");
+  return `${name}: last error ${e["errno"]} on ${e["op"]} of ${e["lengthBytes"]} bytes at offset ` +
+    `${e["offsetBytes"]} (${e["path"]}), at ${e["at"]}`;
 }
 
 function sum(a: number | undefined, b: number | undefined): number | undefined {

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { IoUring } from "../../ffi/io_uring.ts";
 import { close, O_DIRECT, O_RDWR, open } from "../../ffi/libc.ts";
-import { EIO } from "../../ffi/errno.ts";
+import { EIO, ENOSPC } from "../../ffi/errno.ts";
 import {
   IO_DESC_NR_SECTORS,
   IO_DESC_OP_FLAGS,
@@ -25,6 +25,7 @@ import {
   Mode,
   type QueueConfig,
   QueueEngine,
+  readLastError,
   SEG_MAX,
 } from "../../lib/event_loop.ts";
 import {
@@ -195,8 +196,60 @@ Deno.test({
       try {
         assert.equal(h.serve(0, UBLK_IO_OP_READ, 60 * KiB, 8 * KiB), -EIO);
         assert.equal(h.counter(Counter.errors), 1);
+        assert.equal(h.counter(Counter.errorsEio), 1);
+        const last = readLastError(h.engine.views);
+        assert.equal(last?.errno, "EIO");
+        assert.equal(last?.op, "read");
+        assert.equal(last?.offsetBytes, 60 * KiB);
+        assert.equal(last?.path, "server", "refused before any backend IO");
         assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, 64 * KiB), 64 * KiB);
         assert.deepEqual(h.buffer(0, 64 * KiB), patternBytes(64 * KiB, 6));
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine fails a write the filesystem cannot allocate with ENOSPC, counts it, keeps serving",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", { sizeMiB: 32 }, async (fs) => {
+      // A sparse file twice the size of the filesystem: writes into its holes allocate.
+      const file = `${fs.dir}/sparse`;
+      const size = 64 * MiB;
+      await run("truncate", ["-s", String(size), file]);
+      const h = new Harness(file, fs.device, size);
+      try {
+        let failedAt = -1;
+        for (let off = 0; off < size; off += MiB) {
+          h.fill(0, patternBytes(MiB, off / MiB));
+          const res = h.serve(0, UBLK_IO_OP_WRITE, off, MiB);
+          if (res < 0) {
+            assert.equal(res, -ENOSPC, `write at ${off}`);
+            failedAt = off;
+            break;
+          }
+          assert.equal(res, MiB);
+        }
+        assert.ok(failedAt > 0, "the filesystem ran out of space before the file was full");
+        assert.equal(h.counter(Counter.errors), 1);
+        assert.equal(h.counter(Counter.errorsEnospc), 1);
+        assert.equal(h.counter(Counter.errorsEio), 0);
+        const last = readLastError(h.engine.views);
+        assert.equal(last?.errno, "ENOSPC");
+        assert.equal(last?.op, "write");
+        assert.equal(last?.offsetBytes, failedAt);
+        assert.equal(last?.path, "file");
+        // Still serving: what was acknowledged reads back, through the filesystem too.
+        assert.equal(h.serve(1, UBLK_IO_OP_READ, 0, MiB), MiB);
+        assert.deepEqual(h.buffer(1, MiB), patternBytes(MiB, 0));
+        assert.deepEqual(
+          await readDirect(file, failedAt - MiB, MiB),
+          patternBytes(MiB, failedAt / MiB - 1),
+        );
+        assert.equal(h.serve(2, UBLK_IO_OP_FLUSH, 0, 0), 0);
       } finally {
         h.close();
       }
