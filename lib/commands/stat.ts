@@ -14,7 +14,8 @@ const HELP = `Usage: fastloop stat [DEV|FILE] [--json]
 
 Show fastloop's devices: backing file and filesystem device, IO mode (fast: direct IO to the
 filesystem's device; file: through the file; mixed: both seen), lease state, queues x depth, and
-live counters split by path, extent cache, FIEMAP calls, in-flight IO, server memory.
+live counters split by path, extent cache, FIEMAP calls, in-flight IO, server memory; then
+where each device's server logs (its file under /run/fastloop/log, and syslog when /dev/log exists).
 Prints nothing (JSON: []) when no device is attached.
 
 Options:
@@ -38,6 +39,7 @@ export const command: Command = {
       console.log(JSON.stringify(rows, null, 2));
     } else if (rows.length > 0) {
       console.log(table(rows));
+      console.log(logLines(rows));
     }
     return 0;
   },
@@ -93,6 +95,19 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
       note: `control socket: ${(e as Error).message}`,
     };
   }
+}
+
+/** Where each device's server logs: the file, and syslog when it reaches one. */
+function logLines(rows: Row[]): string {
+  return rows.map((row) => {
+    const logging = row["logging"] as { syslog?: string | null; syslogNote?: string } | undefined;
+    const syslog = logging?.syslog
+      ? `, syslog via ${logging.syslog}`
+      : logging?.syslogNote
+      ? ` (not syslog: ${logging.syslogNote})`
+      : "";
+    return `log of ${row["device"] ?? "?"}: ${row["log"] ?? "-"}${syslog}`;
+  }).join("\n");
 }
 
 /** A counter by its path in `DeviceCounters` (`reads`, `bytesRead.direct`). */
