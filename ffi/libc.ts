@@ -88,6 +88,12 @@ const symbols = {
   setsid: { parameters: [], result: "i32" },
   // int dup2(int oldfd, int newfd);
   dup2: { parameters: ["i32", "i32"], result: "i32" },
+  // int socket(int domain, int type, int protocol);
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  // int connect(int sockfd, const struct sockaddr *addr, socklen_t addrlen);
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  // ssize_t send(int sockfd, const void *buf, size_t len, int flags);
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 export const libc = Deno.dlopen("libc.so.6", symbols).symbols;

@@ -45,6 +45,7 @@ import {
 } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
+import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
 import {
   cleanupDeadDevice,
@@ -95,15 +96,7 @@ const MAX_TRANSITIONS_KEPT = 32;
 const LEASE_RETRY_FIRST_MS = 1000;
 const LEASE_RETRY_MAX_MS = 8000;
 
-/** One timestamped line in the log (stderr is the log file once `redirectStderr` ran). */
-export function log(message: string): void {
-  const line = `${new Date().toISOString()} fastloop[${Deno.pid}] ${message}\n`;
-  try {
-    Deno.stderr.writeSync(encoder.encode(line));
-  } catch {
-    // Nowhere left to log to; the server keeps serving.
-  }
-}
+export { log } from "./log.ts";
 
 /** Points fd 2 at the log file; returns the log fd (kept for fd 1 after readiness). */
 function openLog(path: string): number {
@@ -353,6 +346,7 @@ class Server {
       recoverDeviceId: o.recoverDeviceId,
     });
     this.#device = device;
+    setLogContext(`ublkb${device.id}`);
     this.#mode = startMode;
     if (!leased) this.#scheduleRetry();
     if (startMode === "fast" && this.#lease !== want) {
@@ -618,6 +612,7 @@ class Server {
       startedAt: this.#startedAt,
       rssBytes: residentBytes(),
       log: this.#opts.logPath,
+      logging: logTargets(this.#opts.logPath),
       counters: this.#device?.counters(),
     };
   }
@@ -733,6 +728,7 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
     }
     if (reply?.["ok"] === true && typeof reply["id"] === "number") {
       deviceId = reply["id"];
+      setLogContext(`ublkb${deviceId}`);
       if (diedAt > 0) say(`ublkb${deviceId} recovered in ${Date.now() - diedAt} ms`);
     } else if (line === null && !stopping) {
       say("the new server did not report in time; stopping it");

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# THE test command: setup, static checks, host tests, then the VM tests on each kernel.
+# THE test command: setup, static checks, host tests, then the VM tests and the power-loss check
+# (test/power/, two boots of one disk) on each kernel.
 # Usage: scripts/test-all.sh
 # Environment: FASTLOOP_TEST_KERNELS (default "6.12 7.3"; "" skips the VM stage — for local use
 # only, CI runs both), FASTLOOP_VM_TIMEOUT (seconds per VM run, default 1800).
@@ -72,6 +73,9 @@ if run_stage "setup (deps, Deno)" step bash -c \
   for k in $kernels; do
     run_stage "vm tests (kernel $k)" tests bash scripts/vm.sh --kernel "$k" \
       --timeout "$vm_timeout" -- deno test --allow-all --no-check test/vm/
+    # Two boots of one disk: power cut while writing, then the check (test/power/).
+    run_stage "power loss (kernel $k)" tests env FASTLOOP_TEST_KERNELS="$k" \
+      deno test --allow-all --no-check test/power/
   done
 fi
 

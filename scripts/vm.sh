@@ -7,13 +7,15 @@
 #
 # Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--timeout SECONDS]
 #                      [--boot-timeout SECONDS] [--disk-size SIZE] [--keep-disk PATH]
-#                      [--append KERNEL-PARAMS] [--refresh-kernel] [--] CMD ARGS...
+#                      [--append KERNEL-PARAMS] [--refresh-kernel] [--crash-ok] [--] CMD ARGS...
 #   --timeout S       whole run, boot included (default 2400); --boot-timeout S: boot to the
 #                     command (default 300; a boot that does not get there is retried once)
 #   --keep-disk PATH  use PATH as /dev/vda (created sparse if missing) and keep it afterwards, e.g.
 #                     for a second boot of the same disk
 #   --append PARAMS   extra kernel command line (e.g. "loglevel=7" to see the boot)
 #   --refresh-kernel  look for a newer kernel package instead of reusing the cached one
+#   --crash-ok        the command cuts the power itself (sysrq): a VM that stops after the command
+#                     started, without an exit status, exits 0 instead of 125
 # Environment: FASTLOOP_* variables and CI, NO_COLOR are passed into the VM's command.
 set -euo pipefail
 
@@ -29,8 +31,9 @@ append=""
 disk_size=8G
 keep_disk=""
 refresh=""
+crash_ok=0
 usage() {
-  sed -n '7,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '7,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 while [ $# -gt 0 ]; do
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
     --disk-size) disk_size="${2:?--disk-size needs a size}"; shift 2 ;;
     --keep-disk) keep_disk="${2:?--keep-disk needs a path}"; shift 2 ;;
     --refresh-kernel) refresh=--refresh; shift ;;
+    --crash-ok) crash_ok=1; shift ;;
     --) shift; break ;;
     -h | --help) usage ;;
     -*) echo "vm.sh: unknown option '$1'" >&2; usage ;;
@@ -284,6 +288,13 @@ t4="$(now)"
 
 if [ -n "$t_start" ]; then
   stage_log command "$(elapsed "$t_start" "$t4") s (exit status ${status:-none})"
+fi
+if ! [[ "$status" =~ ^[0-9]+$ ]] && [ "$crash_ok" = 1 ] && [ -n "$t_start" ] &&
+  [ "$qemu_rc" != 124 ]; then
+  # QEMU exits on the guest's reset (-no-reboot): the power cut the command asked for.
+  echo "vm.sh: the VM stopped without an exit status, as --crash-ok expects (QEMU exit status $qemu_rc)" >&2
+  stage_log total "$(elapsed "$t0" "$t4") s"
+  exit 0
 fi
 if ! [[ "$status" =~ ^[0-9]+$ ]]; then
   if [ "$boot_stuck" = 1 ]; then

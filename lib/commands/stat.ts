@@ -16,7 +16,9 @@ Show fastloop's devices: backing file and filesystem device, IO mode (fast: dire
 filesystem's device; file: through the file; mixed: both seen), lease state, queues x depth, and
 live counters split by path, extent cache, FIEMAP calls, in-flight IO, server memory, and the
 IO errors the device returned (by kind: EIO, ENOSPC, other; the last one is printed under the
-table with its operation, offset and path). Prints nothing (JSON: []) when no device is attached.
+table with its operation, offset and path); then where each device's server logs (its file under
+/run/fastloop/log, and syslog when /dev/log exists).
+Prints nothing (JSON: []) when no device is attached.
 
 Options:
   --json       print a JSON array, one object per device
@@ -43,6 +45,7 @@ export const command: Command = {
         const last = lastErrorLine(row);
         if (last) console.log(last);
       }
+      console.log(logLines(rows));
     }
     return 0;
   },
@@ -98,6 +101,19 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
       note: `control socket: ${(e as Error).message}`,
     };
   }
+}
+
+/** Where each device's server logs: the file, and syslog when it reaches one. */
+function logLines(rows: Row[]): string {
+  return rows.map((row) => {
+    const logging = row["logging"] as { syslog?: string | null; syslogNote?: string } | undefined;
+    const syslog = logging?.syslog
+      ? `, syslog via ${logging.syslog}`
+      : logging?.syslogNote
+      ? ` (not syslog: ${logging.syslogNote})`
+      : "";
+    return `log of ${row["device"] ?? "?"}: ${row["log"] ?? "-"}${syslog}`;
+  }).join("\n");
 }
 
 /** A counter by its path in `DeviceCounters` (`reads`, `bytesRead.direct`). */
