@@ -41,6 +41,7 @@ import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
+  fstatfs,
   libc,
 } from "../ffi/libc.ts";
 import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
@@ -390,6 +391,8 @@ export class QueueEngine {
   backendInflight = 0;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
+  /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
+  readonly #fsBlockBytes: number;
   /** DISCARD / WRITE_ZEROES requests waiting for overlapping direct IO to finish. */
   readonly #deferred: number[] = [];
   /** Ranges being punched right now: [offset, length] pairs, by tag. */
@@ -406,6 +409,7 @@ export class QueueEngine {
     this.#desc = desc;
     this.#completer = completer;
     this.mode = cfg.mode;
+    this.#fsBlockBytes = filesystemBlockBytes(cfg);
     this.views = new SharedViews(cfg.sab, cfg.queues, cfg.queueId);
     this.#logSeen = Atomics.load(this.views.logHeader, 0);
     this.buffers = new AlignedBuffer(cfg.depth * cfg.maxIoBytes);
@@ -758,42 +762,94 @@ export class QueueEngine {
     }
   }
 
-  /** DISCARD / WRITE_ZEROES: punch (or zero) the range in the file, keeping its size. */
+  /**
+   * DISCARD / WRITE_ZEROES: punch (or zero) the range in the file, keeping its size. Only whole
+   * filesystem blocks are handed to fallocate: for a partial block, ext4 and xfs zero the rest
+   * through the page cache, and that dirty page, written back later, would overwrite whatever
+   * was written directly to the block meanwhile. So a discard skips its partial blocks (discard
+   * is advisory), and write-zeroes writes zeros there through the file with O_DIRECT.
+   */
   #punch(tag: number): void {
     const offset = this.#offset[tag]!;
     const length = this.#length[tag]!;
-    const zero = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES &&
-      (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
+    const end = offset + length;
+    const writeZeroes = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES;
+    const zero = writeZeroes && (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
     const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
+    const block = this.#fsBlockBytes;
+    const alignedStart = Math.ceil(offset / block) * block;
+    const alignedEnd = Math.floor(end / block) * block;
     // No direct IO may use a mapping from before the punch: forget it now, steer overlapping
     // requests to the file while the punch runs, and forget it again when it is done.
     this.cache?.invalidate(offset, length);
     this.#punching.set(tag, [offset, length]);
     this.#fileDirty = true;
-    this.ring.prepFallocate(
-      this.#sqe(),
-      this.#cfg.fileFd,
-      mode,
-      offset,
-      length,
-      ud(tag, 0, KIND_FALLOC, true),
-    );
-    this.#pending[tag]!++;
-    this.backendInflight++;
+    if (alignedStart < alignedEnd) {
+      this.ring.prepFallocate(
+        this.#sqe(),
+        this.#cfg.fileFd,
+        mode,
+        alignedStart,
+        alignedEnd - alignedStart,
+        ud(tag, 0, KIND_FALLOC, true),
+      );
+      this.#pending[tag]!++;
+      this.backendInflight++;
+    }
+    if (writeZeroes) {
+      // The partial blocks at either end (or the whole range when it holds no whole block).
+      const head = alignedStart < alignedEnd ? [offset, alignedStart] : [offset, end];
+      const tail = alignedStart < alignedEnd ? [alignedEnd, end] : [end, end];
+      const base = tag * this.#cfg.maxIoBytes;
+      this.#zeroBytes.fill(0, base, base + Math.min(this.#cfg.maxIoBytes, length));
+      let seg = 1;
+      for (const [from, to] of [head, tail] as const) {
+        // Each piece is under two blocks; the tag's buffer (>= 4 KiB) holds it in chunks.
+        for (let at = from!; at < to!; seg++) {
+          const len = Math.min(to! - at, this.#cfg.maxIoBytes);
+          const k = tag * SEG_MAX + seg;
+          this.#segLen[k] = len;
+          this.ring.prepWrite(
+            this.#sqe(),
+            this.#cfg.fileFd,
+            this.bufferAddress(tag),
+            len,
+            at,
+            ud(tag, seg, KIND_FALLOC, true),
+            0,
+          );
+          this.#pending[tag]!++;
+          this.backendInflight++;
+          at += len;
+        }
+      }
+    }
+    // A discard within one block: nothing to do.
+    if (this.#pending[tag] === 0) this.#punchDone(tag, -1, 0);
   }
 
-  #punchDone(tag: number, res: number): void {
-    this.#pending[tag]!--;
-    this.backendInflight--;
+  /** One backend operation of a punch finished (`seg` 0: the fallocate; else a zero write). */
+  #punchDone(tag: number, seg: number, res: number): void {
+    if (seg >= 0) {
+      this.#pending[tag]!--;
+      this.backendInflight--;
+      // A zero write that came back short (the file shrank under it) is an IO error.
+      if (seg > 0 && res >= 0 && res < this.#segLen[tag * SEG_MAX + seg]!) res = -EIO;
+      if (res < 0 && this.#error[tag] === 0) {
+        this.#error[tag] = res;
+        Atomics.store(this.views.ctrl, CTRL_ERRNO, -res);
+      }
+      if (this.#pending[tag]! > 0) return;
+    }
     this.#punching.delete(tag);
     this.#changed(this.#offset[tag]!, this.#length[tag]!);
     if (this.#punchSlot[tag]! >= 0) {
       this.views.withdrawPunch(this.#punchSlot[tag]!);
       this.#punchSlot[tag] = -1;
     }
-    if (res >= 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
-    else Atomics.store(this.views.ctrl, CTRL_ERRNO, -res);
-    this.#finish(tag, res < 0 ? res : 0);
+    const err = this.#error[tag]!;
+    if (err === 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
+    this.#finish(tag, err < 0 ? err : 0);
   }
 
   #directOverlaps(offset: number, length: number): boolean {
@@ -843,7 +899,7 @@ export class QueueEngine {
       case KIND_FSYNC:
         return this.#fsyncDone(tag, res);
       case KIND_FALLOC:
-        return this.#punchDone(tag, res);
+        return this.#punchDone(tag, seg, res);
     }
   }
 
@@ -925,6 +981,18 @@ export class QueueEngine {
   close(): void {
     this.buffers.free();
   }
+}
+
+/** The filesystem block size of the file (at least the device's logical block). */
+function filesystemBlockBytes(cfg: QueueConfig): number {
+  let block = cfg.logicalBlockSize;
+  try {
+    block = Math.max(block, fstatfs(cfg.fileFd, cfg.filePath).blockSize);
+  } catch {
+    // Not expected on an open fd; then the page size is the safe assumption for ext4/xfs.
+    block = Math.max(block, 4096);
+  }
+  return block;
 }
 
 function fiemapExtents(
