@@ -41,6 +41,7 @@ import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
+  fstat,
   fstatfs,
   libc,
 } from "../ffi/libc.ts";
@@ -391,6 +392,12 @@ export class QueueEngine {
   backendInflight = 0;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
+  /**
+   * The file's size as last seen (at most the device's): IO ending past it fails with EIO
+   * instead of re-growing a file someone else truncated. Exact while the lease is held (a
+   * truncate breaks it first); looked up again per write in file mode and on leaving it.
+   */
+  #sizeBytes: number;
   /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
   readonly #fsBlockBytes: number;
   /** DISCARD / WRITE_ZEROES requests waiting for overlapping direct IO to finish. */
@@ -409,6 +416,7 @@ export class QueueEngine {
     this.#desc = desc;
     this.#completer = completer;
     this.mode = cfg.mode;
+    this.#sizeBytes = cfg.fileSizeBytes;
     this.#fsBlockBytes = filesystemBlockBytes(cfg);
     this.views = new SharedViews(cfg.sab, cfg.queues, cfg.queueId);
     this.#logSeen = Atomics.load(this.views.logHeader, 0);
@@ -501,6 +509,8 @@ export class QueueEngine {
           return this.#finish(tag, -EIO);
         }
         if (op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(tag, -EROFS);
+        // A read past the file's end fails by itself (the file returns 0 bytes: EIO below).
+        if (op === UBLK_IO_OP_WRITE && end > this.#currentSize()) return this.#finish(tag, -EIO);
         // Flag before looking for punches (see the punch fence): store, then load.
         if (this.#multi) {
           this.views.setFence(this.#cfg.queueId, tag, this.#offset[tag]!, this.#length[tag]!);
@@ -516,7 +526,9 @@ export class QueueEngine {
         if (op === UBLK_IO_OP_DISCARD) c[Counter.discards]!++;
         else c[Counter.writeZeroes]!++;
         if (this.#cfg.readOnly) return this.#finish(tag, -EROFS);
-        if (end > this.#cfg.fileSizeBytes) return this.#finish(tag, -EIO);
+        if (end > this.#cfg.fileSizeBytes || end > this.#currentSize()) {
+          return this.#finish(tag, -EIO);
+        }
         this.#deferred.push(tag);
         this.runDeferred();
         return;
@@ -952,7 +964,32 @@ export class QueueEngine {
   setMode(mode: Mode): void {
     this.mode = mode;
     if (mode === Mode.file) this.cache?.clear();
+    else this.#refreshSize(); // the lease is held again: the size is stable until it breaks
     Atomics.store(this.views.ctrl, CTRL_MODE, mode);
+  }
+
+  /**
+   * The size a write may reach: in file mode the lease may be gone and anyone may truncate, so
+   * the file is asked (a truncate racing with the write itself can still let it extend the
+   * file, through the filesystem, which allocates: no foreign block is written either way).
+   */
+  #currentSize(): number {
+    if (this.mode === Mode.file) this.#refreshSize();
+    return this.#sizeBytes;
+  }
+
+  #refreshSize(): void {
+    let size: number;
+    try {
+      size = fstat(this.#cfg.fileFd, this.#cfg.filePath).size;
+    } catch {
+      return; // fstat on an open fd does not fail in practice; keep the last size
+    }
+    const next = Math.min(this.#cfg.fileSizeBytes, size);
+    if (next !== this.#sizeBytes) {
+      this.#sizeBytes = next;
+      this.cache?.resize(next);
+    }
   }
 
   /** Has the IO that `mode` forbids drained? (file: no direct IO; read-direct: no direct write) */
