@@ -395,7 +395,7 @@ export class QueueEngine {
   /**
    * The file's size as last seen (at most the device's): IO ending past it fails with EIO
    * instead of re-growing a file someone else truncated. Exact while the lease is held (a
-   * truncate breaks it first); looked up again per write in file mode and on leaving it.
+   * truncate breaks it first); looked up again per request in file mode and on leaving it.
    */
   #sizeBytes: number;
   /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
@@ -509,8 +509,8 @@ export class QueueEngine {
           return this.#finish(tag, -EIO);
         }
         if (op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(tag, -EROFS);
-        // A read past the file's end fails by itself (the file returns 0 bytes: EIO below).
-        if (op === UBLK_IO_OP_WRITE && end > this.#currentSize()) return this.#finish(tag, -EIO);
+        // Past the file's end (someone truncated it): no hole to read as zeros, no regrowing.
+        if (end > this.#currentSize()) return this.#finish(tag, -EIO);
         // Flag before looking for punches (see the punch fence): store, then load.
         if (this.#multi) {
           this.views.setFence(this.#cfg.queueId, tag, this.#offset[tag]!, this.#length[tag]!);
@@ -969,7 +969,7 @@ export class QueueEngine {
   }
 
   /**
-   * The size a write may reach: in file mode the lease may be gone and anyone may truncate, so
+   * The size IO may reach: in file mode the lease may be gone and anyone may truncate, so
    * the file is asked (a truncate racing with the write itself can still let it extend the
    * file, through the filesystem, which allocates: no foreign block is written either way).
    */
