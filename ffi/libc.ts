@@ -62,6 +62,8 @@ const symbols = {
   fsync: { parameters: ["i32"], result: "i32" },
   // int fdatasync(int fd);
   fdatasync: { parameters: ["i32"], result: "i32" },
+  // int posix_fadvise(int fd, off_t offset, off_t len, int advice); returns an errno, not -1.
+  posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32" },
   // int ftruncate(int fd, off_t length);
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   // void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off);
@@ -140,6 +142,9 @@ export const EFD_CLOEXEC = O_CLOEXEC;
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+// posix_fadvise(2), linux/fadvise.h.
+export const POSIX_FADV_DONTNEED = 4;
 
 export const PAGE_SIZE = 4096;
 
@@ -228,6 +233,19 @@ export function fsync(fd: number, object = `fd ${fd}`): void {
 
 export function fdatasync(fd: number, object = `fd ${fd}`): void {
   check(libc.fdatasync(fd), "fdatasync", object);
+}
+
+/** posix_fadvise(2) over [offset, offset+len) (len 0: to the end of the file). */
+export function fadvise(
+  fd: number,
+  offset: number,
+  len: number,
+  advice: number,
+  object = `fd ${fd}`,
+): void {
+  // The call returns the error number itself and leaves errno alone.
+  const e = libc.posix_fadvise(fd, BigInt(offset), BigInt(len), advice);
+  if (e !== 0) throw new SyscallError("posix_fadvise", e, object);
 }
 
 export function ftruncate(fd: number, length: number, object = `fd ${fd}`): void {

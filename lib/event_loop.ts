@@ -42,6 +42,8 @@ import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
+  fstat,
+  fstatfs,
   libc,
 } from "../ffi/libc.ts";
 import {
@@ -463,6 +465,14 @@ export class QueueEngine {
   backendInflight = 0;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
+  /**
+   * The file's size as last seen (at most the device's): IO ending past it fails with EIO
+   * instead of re-growing a file someone else truncated. Exact while the lease is held (a
+   * truncate breaks it first); looked up again per request in file mode and on leaving it.
+   */
+  #sizeBytes: number;
+  /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
+  readonly #fsBlockBytes: number;
   /** DISCARD / WRITE_ZEROES requests waiting for overlapping direct IO to finish. */
   readonly #deferred: number[] = [];
   /** Ranges being punched right now: [offset, length] pairs, by tag. */
@@ -479,6 +489,8 @@ export class QueueEngine {
     this.#desc = desc;
     this.#completer = completer;
     this.mode = cfg.mode;
+    this.#sizeBytes = cfg.fileSizeBytes;
+    this.#fsBlockBytes = filesystemBlockBytes(cfg);
     this.views = new SharedViews(cfg.sab, cfg.queues, cfg.queueId);
     this.#logSeen = Atomics.load(this.views.logHeader, 0);
     this.buffers = new AlignedBuffer(cfg.depth * cfg.maxIoBytes);
@@ -572,6 +584,8 @@ export class QueueEngine {
           return this.#finish(tag, -EIO);
         }
         if (op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(tag, -EROFS);
+        // Past the file's end (someone truncated it): no hole to read as zeros, no regrowing.
+        if (end > this.#currentSize()) return this.#finish(tag, -EIO);
         // Flag before looking for punches (see the punch fence): store, then load.
         if (this.#multi) {
           this.views.setFence(this.#cfg.queueId, tag, this.#offset[tag]!, this.#length[tag]!);
@@ -587,7 +601,9 @@ export class QueueEngine {
         if (op === UBLK_IO_OP_DISCARD) c[Counter.discards]!++;
         else c[Counter.writeZeroes]!++;
         if (this.#cfg.readOnly) return this.#finish(tag, -EROFS);
-        if (end > this.#cfg.fileSizeBytes) return this.#finish(tag, -EIO);
+        if (end > this.#cfg.fileSizeBytes || end > this.#currentSize()) {
+          return this.#finish(tag, -EIO);
+        }
         this.#deferred.push(tag);
         this.runDeferred();
         return;
@@ -845,7 +861,13 @@ export class QueueEngine {
     }
   }
 
-  /** DISCARD / WRITE_ZEROES: punch (or zero) the range in the file, keeping its size. */
+  /**
+   * DISCARD / WRITE_ZEROES: punch (or zero) the range in the file, keeping its size. Only whole
+   * filesystem blocks are handed to fallocate: for a partial block, ext4 and xfs zero the rest
+   * through the page cache, and that dirty page, written back later, would overwrite whatever
+   * was written directly to the block meanwhile. So a discard skips its partial blocks (discard
+   * is advisory), and write-zeroes writes zeros there through the file with O_DIRECT.
+   */
   #punch(tag: number): void {
     const offset = this.#offset[tag]!;
     const length = this.#length[tag]!;
@@ -854,12 +876,51 @@ export class QueueEngine {
     this.cache?.invalidate(offset, length);
     this.#punching.set(tag, [offset, length]);
     this.#fileDirty = true;
-    this.#submitPunch(tag);
+    const end = offset + length;
+    const writeZeroes = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES;
+    const block = this.#fsBlockBytes;
+    const alignedStart = Math.ceil(offset / block) * block;
+    const alignedEnd = Math.floor(end / block) * block;
+    if (alignedStart < alignedEnd) this.#submitPunchFallocate(tag);
+    if (writeZeroes) {
+      // The partial blocks at either end (or the whole range when it holds no whole block).
+      const head = alignedStart < alignedEnd ? [offset, alignedStart] : [offset, end];
+      const tail = alignedStart < alignedEnd ? [alignedEnd, end] : [end, end];
+      const base = tag * this.#cfg.maxIoBytes;
+      this.#zeroBytes.fill(0, base, base + Math.min(this.#cfg.maxIoBytes, length));
+      let seg = 1;
+      for (const [from, to] of [head, tail] as const) {
+        // Each piece is under two blocks; the tag's buffer (>= 4 KiB) holds it in chunks.
+        for (let at = from!; at < to!; seg++) {
+          const len = Math.min(to! - at, this.#cfg.maxIoBytes);
+          const k = tag * SEG_MAX + seg;
+          this.#segLen[k] = len;
+          this.ring.prepWrite(
+            this.#sqe(),
+            this.#cfg.fileFd,
+            this.bufferAddress(tag),
+            len,
+            at,
+            ud(tag, seg, KIND_FALLOC, true),
+            0,
+          );
+          this.#pending[tag]!++;
+          this.backendInflight++;
+          at += len;
+        }
+      }
+    }
+    // A discard within one block: nothing to do.
+    if (this.#pending[tag] === 0) this.#punchDone(tag, -1, 0);
   }
 
-  #submitPunch(tag: number): void {
+  /** The fallocate of a punch (segment 0): the whole filesystem blocks of the range. */
+  #submitPunchFallocate(tag: number): void {
     const offset = this.#offset[tag]!;
-    const length = this.#length[tag]!;
+    const end = offset + this.#length[tag]!;
+    const block = this.#fsBlockBytes;
+    const alignedStart = Math.ceil(offset / block) * block;
+    const alignedEnd = Math.floor(end / block) * block;
     const zero = this.#op[tag] === UBLK_IO_OP_WRITE_ZEROES &&
       (this.#flags[tag]! & UBLK_IO_F_NOUNMAP) !== 0;
     const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
@@ -867,21 +928,31 @@ export class QueueEngine {
       this.#sqe(),
       this.#cfg.fileFd,
       mode,
-      offset,
-      length,
+      alignedStart,
+      alignedEnd - alignedStart,
       ud(tag, 0, KIND_FALLOC, true),
     );
     this.#pending[tag]!++;
     this.backendInflight++;
   }
 
-  #punchDone(tag: number, res: number): void {
-    this.#pending[tag]!--;
-    this.backendInflight--;
-    if (res === -EINTR || res === -EAGAIN) {
-      this.views.counters[Counter.retries]!++;
-      this.#submitPunch(tag);
-      return;
+  /** One backend operation of a punch finished (`seg` 0: the fallocate; else a zero write). */
+  #punchDone(tag: number, seg: number, res: number): void {
+    if (seg >= 0) {
+      this.#pending[tag]!--;
+      this.backendInflight--;
+      if (seg === 0 && (res === -EINTR || res === -EAGAIN)) {
+        this.views.counters[Counter.retries]!++;
+        this.#submitPunchFallocate(tag);
+        return;
+      }
+      // A zero write that came back short (the file shrank under it) is an IO error.
+      if (seg > 0 && res >= 0 && res < this.#segLen[tag * SEG_MAX + seg]!) res = -EIO;
+      if (res < 0 && this.#error[tag] === 0) {
+        this.#error[tag] = res;
+        this.#errorPath[tag] = ErrorPath.file;
+      }
+      if (this.#pending[tag]! > 0) return;
     }
     this.#punching.delete(tag);
     this.#changed(this.#offset[tag]!, this.#length[tag]!);
@@ -889,9 +960,9 @@ export class QueueEngine {
       this.views.withdrawPunch(this.#punchSlot[tag]!);
       this.#punchSlot[tag] = -1;
     }
-    if (res >= 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
-    else this.#errorPath[tag] = ErrorPath.file;
-    this.#finish(tag, res < 0 ? res : 0);
+    const err = this.#error[tag]!;
+    if (err === 0) this.views.counters[Counter.bytesDiscarded]! += this.#length[tag]!;
+    this.#finish(tag, err < 0 ? err : 0);
   }
 
   #directOverlaps(offset: number, length: number): boolean {
@@ -972,7 +1043,7 @@ export class QueueEngine {
       case KIND_FSYNC:
         return this.#fsyncDone(tag, seg, res);
       case KIND_FALLOC:
-        return this.#punchDone(tag, res);
+        return this.#punchDone(tag, seg, res);
     }
   }
 
@@ -1025,7 +1096,32 @@ export class QueueEngine {
   setMode(mode: Mode): void {
     this.mode = mode;
     if (mode === Mode.file) this.cache?.clear();
+    else this.#refreshSize(); // the lease is held again: the size is stable until it breaks
     Atomics.store(this.views.ctrl, CTRL_MODE, mode);
+  }
+
+  /**
+   * The size IO may reach: in file mode the lease may be gone and anyone may truncate, so
+   * the file is asked (a truncate racing with the write itself can still let it extend the
+   * file, through the filesystem, which allocates: no foreign block is written either way).
+   */
+  #currentSize(): number {
+    if (this.mode === Mode.file) this.#refreshSize();
+    return this.#sizeBytes;
+  }
+
+  #refreshSize(): void {
+    let size: number;
+    try {
+      size = fstat(this.#cfg.fileFd, this.#cfg.filePath).size;
+    } catch {
+      return; // fstat on an open fd does not fail in practice; keep the last size
+    }
+    const next = Math.min(this.#cfg.fileSizeBytes, size);
+    if (next !== this.#sizeBytes) {
+      this.#sizeBytes = next;
+      this.cache?.resize(next);
+    }
   }
 
   /** Has the IO that `mode` forbids drained? (file: no direct IO; read-direct: no direct write) */
@@ -1054,6 +1150,18 @@ export class QueueEngine {
   close(): void {
     this.buffers.free();
   }
+}
+
+/** The filesystem block size of the file (at least the device's logical block). */
+function filesystemBlockBytes(cfg: QueueConfig): number {
+  let block = cfg.logicalBlockSize;
+  try {
+    block = Math.max(block, fstatfs(cfg.fileFd, cfg.filePath).blockSize);
+  } catch {
+    // Not expected on an open fd; then the page size is the safe assumption for ext4/xfs.
+    block = Math.max(block, 4096);
+  }
+  return block;
 }
 
 function fiemapExtents(

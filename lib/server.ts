@@ -33,6 +33,8 @@ import {
 import {
   close,
   errno,
+  fadvise,
+  fdatasync,
   fstat,
   libc,
   O_APPEND,
@@ -42,6 +44,7 @@ import {
   O_RDWR,
   O_WRONLY,
   open,
+  POSIX_FADV_DONTNEED,
 } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
@@ -287,7 +290,10 @@ class Server {
       if (this.#lease !== "none") setLease(fd, "unlock", o.filePath);
       this.#lease = "none";
     });
-    if (leased) log(`${want} lease taken`);
+    if (leased) {
+      log(`${want} lease taken`);
+      syncAndDropPageCache(fd, o.filePath);
+    }
 
     // 4. ublk itself: checked before the filesystem so a host without it fails fast and clearly.
     try {
@@ -493,6 +499,8 @@ class Server {
           this.#leaseRegains++;
           this.#retryDelayMs = LEASE_RETRY_FIRST_MS;
           log(`${want} lease regained`);
+          // Whoever had the file open may have left pages in its page cache.
+          syncAndDropPageCache(fd, this.#opts.filePath);
           await this.#setMode(this.#baseMode, want, "lease regained (fresh mapping)");
           return;
         }
@@ -616,6 +624,19 @@ class Server {
       counters: this.#device?.counters(),
     };
   }
+}
+
+/**
+ * Before direct IO begins (the lease just taken): write back the file's dirty pages and drop its
+ * page cache. A dirty page is newer than the disk (a direct read would return stale data) and,
+ * written back later, would overwrite a direct write with older data; a clean page would be
+ * served to the next opener instead of what was written directly. Holding the write lease,
+ * nobody else has the file open, so no page can come back until a break; under a read lease
+ * nobody can write.
+ */
+function syncAndDropPageCache(fd: number, path: string): void {
+  fdatasync(fd, path);
+  fadvise(fd, 0, 0, POSIX_FADV_DONTNEED, path);
 }
 
 function safe<T>(f: () => T): T | undefined {

@@ -14,10 +14,12 @@ import {
   IO_DESC_SIZE,
   IO_DESC_START_SECTOR,
   UBLK_IO_F_FUA,
+  UBLK_IO_F_NOUNMAP,
   UBLK_IO_OP_DISCARD,
   UBLK_IO_OP_FLUSH,
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
+  UBLK_IO_OP_WRITE_ZEROES,
 } from "../../ffi/ublk_cmd.ts";
 import {
   Counter,
@@ -276,6 +278,40 @@ Deno.test({
         // The engine's own view follows: the punched range reads as zeros, not the old blocks.
         assert.equal(h.serve(2, UBLK_IO_OP_READ, 0, MiB), MiB);
         assert.deepEqual(h.buffer(2, MiB), after);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "engine zeroes and discards partial filesystem blocks without leaving page-cache " +
+    "writeback that would overwrite later direct writes",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      const old = patternBytes(MiB, 9);
+      // Written through the page cache, which keeps the (clean) pages.
+      await writeAt(file, 0, old);
+      const h = new Harness(file, fs.device, MiB);
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, MiB), MiB); // caches the mapping
+        // Direct writes over [4K, 16K): the file's cached pages there are now stale.
+        const fresh = patternBytes(12 * KiB, 10);
+        h.fill(1, fresh);
+        assert.equal(h.serve(1, UBLK_IO_OP_WRITE, 4 * KiB, 12 * KiB), 12 * KiB);
+        assert.equal(h.counter(Counter.bytesWrittenDirect), 12 * KiB, "written directly");
+        // Write-zeroes over [5K, 13K) and a discard over [21K, 27K): for a partial 4 KiB block
+        // ext4 zeroes the rest of the cached page and writes the page back, stale parts too.
+        assert.equal(h.serve(2, UBLK_IO_OP_WRITE_ZEROES, 5 * KiB, 8 * KiB, UBLK_IO_F_NOUNMAP), 0);
+        assert.equal(h.serve(2, UBLK_IO_OP_DISCARD, 21 * KiB, 6 * KiB), 0);
+        await run("sh", ["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"]);
+        const want = old.slice(0, 32 * KiB);
+        want.set(fresh, 4 * KiB);
+        want.fill(0, 5 * KiB, 13 * KiB); // the discard's partial blocks are left alone
+        assert.deepEqual(await readDirect(file, 0, 32 * KiB), want);
       } finally {
         h.close();
       }
