@@ -28,7 +28,9 @@ export function parseCommandArgs<T extends Options>(
       strict: true,
     });
   } catch (e) {
-    const message = e instanceof Error ? e.message.split("\n")[0] ?? "" : String(e);
+    const message = (e instanceof Error ? e.message.split("\n")[0] ?? "" : String(e))
+      // An option named by a 100 kB argument is shown by its start only.
+      .replace(/[^\s'"]{65,}/g, (o) => `${o.slice(0, 64)}... (${o.length} characters)`);
     throw new UsageError(
       `${command}: ${message.replace(/\.$/, "")} (see 'fastloop ${command} --help')`,
     );
@@ -47,7 +49,9 @@ export function parseIntFlag(
   if (value === undefined) return fallback;
   if (!/^[0-9]+$/.test(value)) {
     throw new UsageError(
-      `${command}: --${flag} must be a whole number, got ${JSON.stringify(value)}`,
+      `${command}: --${flag} must be a whole number, got ${
+        value.length > 64 ? `${value.length} characters` : JSON.stringify(value)
+      }`,
     );
   }
   const n = Number(value);

@@ -209,8 +209,17 @@ export function parseDeviceRef(ref: string): number | null {
   return m ? Number(m[1]) : null;
 }
 
-/** A path as messages show it: bare when plain, JSON-quoted when empty or unusual (newlines). */
+/** Longer than PATH_MAX: no system call takes such a name, so messages show only its start. */
+const QUOTE_MAX_CHARS = 4096;
+
+/**
+ * A path as messages show it: bare when plain, JSON-quoted when empty or unusual (newlines), and
+ * cut short when longer than any path can be (a 100 kB argument must not become a 100 kB line).
+ */
 export function quotePath(path: string): string {
+  if (path.length > QUOTE_MAX_CHARS) {
+    return `${JSON.stringify(path.slice(0, 64) + "...")} (${path.length} characters)`;
+  }
   return /^[\w./+@:,=-]+$/.test(path) ? path : JSON.stringify(path);
 }
 

@@ -46,6 +46,20 @@ const PSEUDO_FILESYSTEMS: Record<number, string> = {
   0xde5e81e4: "efivarfs", // EFIVARFS_MAGIC
 };
 
+/** The pseudo filesystem (procfs, sysfs, …) a statfs `f_type` names, or undefined for any other. */
+export function pseudoFilesystemName(type: number): string | undefined {
+  return PSEUDO_FILESYSTEMS[type >>> 0];
+}
+
+/**
+ * The reason in a failed Deno file system call ("File name too long (os error 36)") without the
+ * path Deno appends to it: the caller names the path once, quoted (it may hold a newline).
+ */
+export function osErrorText(e: unknown): string {
+  const message = e instanceof Error ? e.message : String(e);
+  return /^.*?\(os error [0-9]+\)/.exec(message)?.[0] ?? message.split("\n")[0] ?? "";
+}
+
 /** fastloop drives /dev/ublk-control and takes leases on files it may not own: root only. */
 export function requireRoot(command: string): void {
   if (geteuid() !== 0) {
@@ -98,7 +112,7 @@ export function validateAttachFile(path: string, readOnly: boolean): AttachTarge
     if (e instanceof Deno.errors.NotADirectory) {
       throw new UserError(`${name} does not exist (a path component is not a directory)`);
     }
-    throw new UserError(`${name} cannot be used: ${(e as Error).message}`);
+    throw new UserError(`${name} cannot be used: ${osErrorText(e)}`);
   }
   const kind = notRegularFileKind(info);
   if (kind) throw new UserError(`${name} is ${kind}, not a regular file`);
@@ -107,16 +121,17 @@ export function validateAttachFile(path: string, readOnly: boolean): AttachTarge
   try {
     fd = open(path, O_PATH);
   } catch (e) {
-    throw new UserError(`${name} cannot be opened: ${(e as Error).message}`);
+    const reason = e instanceof SyscallError ? e.code : osErrorText(e);
+    throw new UserError(`${name} cannot be opened: ${reason}`);
   }
   let st, fs;
   try {
-    st = fstat(fd, path);
-    fs = fstatfs(fd, path);
+    st = fstat(fd, name);
+    fs = fstatfs(fd, name);
   } finally {
     close(fd);
   }
-  const pseudo = PSEUDO_FILESYSTEMS[fs.type >>> 0];
+  const pseudo = pseudoFilesystemName(fs.type);
   if (pseudo) {
     throw new UserError(`${name} is a ${pseudo} file, not a regular file with data blocks`);
   }

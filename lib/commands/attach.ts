@@ -269,14 +269,22 @@ export async function waitExit(
   return status.signal ? `signal ${status.signal}` : `status ${status.code}`;
 }
 
-/** SIGTERM (the server cleans up), then SIGKILL if it does not exit in 10 s. */
+/**
+ * How long a server stopped by SIGTERM may take to undo its start-up (delete the device it
+ * added) before it is killed. A kill in the middle leaves a ublk device that nothing names (no
+ * record yet, ublksrv_pid still 0), so the wait is generous: 8 attaches at once in the loaded
+ * TCG VM took more than 10 s to unwind (measured: orphan devices after a 10 s bound).
+ */
+const UNWIND_TIMEOUT_MS = 120_000;
+
+/** SIGTERM (the server cleans up), then SIGKILL if it does not exit in `UNWIND_TIMEOUT_MS`. */
 export async function killAndReap(child: Deno.ChildProcess): Promise<string> {
   try {
     child.kill("SIGTERM");
   } catch {
     // Already exited.
   }
-  const status = await waitExit(child, 10_000);
+  const status = await waitExit(child, UNWIND_TIMEOUT_MS);
   if (status !== null) return status;
   // The supervisor leads its own process group (setsid) and its server stays in it: one kill
   // of the group ends both.

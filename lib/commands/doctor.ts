@@ -8,6 +8,7 @@ import { geteuid, pathExists } from "../../ffi/libc.ts";
 import { IoUring } from "../../ffi/io_uring.ts";
 import { featureNames, hasFeature, UBLK_F_USER_RECOVERY } from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
+import { quotePath } from "../registry.ts";
 
 export interface DoctorCheck {
   name: string;
@@ -216,9 +217,7 @@ Exit status: 0 when fastloop can run here, 5 when something it needs is missing.
     });
     if (positionals.length > 0) {
       throw new UserError(
-        `doctor: unexpected argument ${
-          JSON.stringify(positionals[0])
-        } (see 'fastloop doctor --help')`,
+        `doctor: unexpected argument ${quotePath(positionals[0]!)} (see 'fastloop doctor --help')`,
         ExitCode.usage,
       );
     }

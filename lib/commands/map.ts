@@ -23,7 +23,8 @@ import {
   filesystemEligibility,
 } from "../eligibility.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
-import { notRegularFileKind } from "../validate.ts";
+import { quotePath } from "../registry.ts";
+import { notRegularFileKind, osErrorText, pseudoFilesystemName } from "../validate.ts";
 
 const HELP = `Usage: fastloop map FILE [--json]
 
@@ -124,7 +125,7 @@ function openPastLease(path: string): number {
       if (!(e instanceof SyscallError && e.code === "EAGAIN")) throw e;
       if (waitedMs >= LEASE_WAIT_MS) {
         throw new UserError(
-          `${path} is leased by another process that did not let go within ` +
+          `${quotePath(path)} is leased by another process that did not let go within ` +
             `${LEASE_WAIT_MS / 1000} s; try again`,
           ExitCode.busy,
         );
@@ -136,23 +137,32 @@ function openPastLease(path: string): number {
 
 /** Opens `path` for mapping, turning every kind of bad input into a one-line `UserError`. */
 function openRegularFile(path: string): number {
+  // Messages name the path quoted: it may hold a newline, which would split the one-line error.
+  const name = quotePath(path);
+  if (path === "") throw new UserError("The file name is empty");
   let info: Deno.FileInfo;
   try {
     info = Deno.statSync(path);
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) throw new UserError(`No such file: ${path}`);
+    if (e instanceof Deno.errors.NotFound) throw new UserError(`No such file: ${name}`);
     if (e instanceof Deno.errors.PermissionDenied) {
-      throw new UserError(`Permission denied: ${path}`, ExitCode.permission);
+      throw new UserError(`Permission denied: ${name}`, ExitCode.permission);
     }
-    throw new UserError(`Cannot stat ${path}: ${e instanceof Error ? e.message : e}`);
+    throw new UserError(`Cannot stat ${name}: ${osErrorText(e)}`);
   }
   const what = notRegularFileKind(info);
-  if (what !== null) throw new UserError(`${path} is ${what}, not a regular file`);
-  const fd = openPastLease(path);
+  if (what !== null) throw new UserError(`${name} is ${what}, not a regular file`);
+  let fd: number;
+  try {
+    fd = openPastLease(path);
+  } catch (e) {
+    if (e instanceof SyscallError) throw new UserError(`Cannot open ${name}: ${e.code}`);
+    throw e;
+  }
   // The path may have changed between stat and open: the fd is the truth.
-  if ((fstat(fd, path).mode & S_IFMT) !== S_IFREG) {
+  if ((fstat(fd, name).mode & S_IFMT) !== S_IFREG) {
     close(fd);
-    throw new UserError(`${path} is not a regular file`);
+    throw new UserError(`${name} is not a regular file`);
   }
   return fd;
 }
@@ -160,13 +170,18 @@ function openRegularFile(path: string): number {
 /** Builds the report for `path` (exported for tests and for `stat`). */
 export function mapFile(path: string): MapReport {
   const fd = openRegularFile(path);
+  const name = quotePath(path);
   try {
-    const sizeBytes = fstat(fd, path).size;
-    const fs = filesystemOf(fd, path);
-    const eligibility: Eligibility = filesystemEligibility(fd, path);
+    const sizeBytes = fstat(fd, name).size;
+    const fs = filesystemOf(fd, name);
+    const pseudo = pseudoFilesystemName(fs.magic);
+    if (pseudo) {
+      throw new UserError(`${name} is a ${pseudo} file, not a regular file with data blocks`);
+    }
+    const eligibility: Eligibility = filesystemEligibility(fd, name);
     let extents: FiemapExtent[];
     try {
-      extents = fiemap(fd, 0, Infinity, { sync: true, path });
+      extents = fiemap(fd, 0, Infinity, { sync: true, path: name });
     } catch (e) {
       if (e instanceof SyscallError && (e.code === "EOPNOTSUPP" || e.code === "ENOTTY")) {
         throw new UserError(`${fs.name} has no extent map: ${e.message}`);

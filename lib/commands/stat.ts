@@ -4,7 +4,13 @@
 
 import { type Command, parseCommandArgs } from "../cli.ts";
 import { UsageError } from "../errors.ts";
-import { controlRequest, listRecords, type RegistryEntry, resolve } from "../registry.ts";
+import {
+  controlRequest,
+  listRecords,
+  quotePath,
+  type RegistryEntry,
+  resolve,
+} from "../registry.ts";
 import { requireRoot } from "../validate.ts";
 
 /** A live server answers from memory; anything slower than this is reported, not waited for. */
@@ -184,7 +190,8 @@ function table(rows: Row[]): string {
     const cacheMem = counter(row, "extentCacheBytes");
     return [
       String(row["device"] ?? "-"),
-      String(row["file"] ?? "-"),
+      // Quoted when unusual: a newline in the name must not split the row.
+      row["file"] === undefined ? "-" : quotePath(String(row["file"])),
       String(row["backingDevice"] ?? "-"),
       displayMode(row),
       String(row["lease"] ?? "-"),

@@ -1,0 +1,193 @@
+// Load, leaks and CLI concurrency, inside the test VM: the short version of `deno task soak`
+// (bench/soak.ts holds the pieces both use). Oracles: fio's own verify, cmp of the backing files
+// read through the host filesystem, and the kernel's views of what could leak (/sys/class/ublk-char,
+// /sys/block, /dev, /proc/locks, /proc/PID/{cmdline,status,fd}) — never fastloop's own registry.
+
+import assert from "node:assert/strict";
+import {
+  assertFlat,
+  assertNoLeaks,
+  detach,
+  fastloop,
+  fastloopProcesses,
+  formatCounts,
+  leakCounts,
+  memoryGrowth,
+  memoryTable,
+  MIB,
+  ok,
+  runCycles,
+  runLoad,
+  summary,
+  withHostFs,
+} from "../../bench/soak.ts";
+import { setLease, trySetLease } from "../../ffi/fcntl.ts";
+import { close, O_RDWR, open } from "../../ffi/libc.ts";
+
+const SCRATCH_DISK = "/dev/vda";
+const LOAD_DEVICES = 8;
+const LOAD_SECONDS = 20;
+const CYCLES = 8;
+
+/**
+ * A write lease is granted only when no process anywhere has the file open (fcntl(2)): taking
+ * one proves that no server, supervisor or stray fd still holds the file.
+ */
+function nobodyHasOpen(file: string): boolean {
+  const fd = open(file, O_RDWR);
+  try {
+    if (!trySetLease(fd, "write", file)) return false;
+    setLease(fd, "unlock", file);
+    return true;
+  } finally {
+    close(fd);
+  }
+}
+
+Deno.test(`${LOAD_DEVICES} devices attached at once under mixed fio verify: no errors, memory and fds flat, nothing left`, async () => {
+  const before = leakCounts();
+  await withHostFs(SCRATCH_DISK, async (mnt, tmp) => {
+    const load = await runLoad({
+      dir: mnt,
+      tmp,
+      devices: LOAD_DEVICES,
+      sizeMiB: 32,
+      seconds: LOAD_SECONDS,
+      sampleSec: 3,
+    });
+    console.log(
+      `load: ${LOAD_DEVICES} attaches at once took ${load.attachSec.toFixed(1)} s; fio wrote ${
+        (load.writeBytes / MIB).toFixed(0)
+      } MiB and verified ${(load.readBytes / MIB).toFixed(0)} MiB in ${LOAD_SECONDS} s`,
+    );
+    console.log(memoryTable(load.samples));
+    for (const g of memoryGrowth(load.samples)) {
+      console.log(
+        `  ${g.role} ${g.pid}: max RSS ${g.firstKiB} KiB (first half) -> ${g.secondKiB} KiB, ` +
+          `fds ${g.fdsFirst} -> ${g.fdsLast}`,
+      );
+    }
+    const servers = load.samples[1]?.usage;
+    assert.equal(
+      [...(servers?.values() ?? [])].filter((u) => u.role === "server").length,
+      LOAD_DEVICES,
+      "one server per device was sampled",
+    );
+    assertFlat(load.samples);
+    for (let i = 0; i < LOAD_DEVICES; i++) {
+      assert.ok(nobodyHasOpen(`${mnt}/load-${i}.img`), `load-${i}.img is open by nobody`);
+    }
+  });
+  const after = leakCounts();
+  console.log(`leaks after the load: ${formatCounts(after)}`);
+  assertNoLeaks(after, before, "after the load");
+});
+
+Deno.test(`${CYCLES} attach/detach cycles leave no device, ublk id, process, lease, fd or registry entry`, async () => {
+  const before = leakCounts();
+  await withHostFs(SCRATCH_DISK, async (mnt, tmp) => {
+    const file = `${mnt}/cycle.img`;
+    await ok("dd", ["if=/dev/urandom", `of=${tmp}/ref`, "bs=1M", "count=2", "status=none"]);
+    await ok("dd", [`if=${tmp}/ref`, `of=${file}`, "bs=1M", "status=none"]);
+    await ok("truncate", ["-s", "32M", file]);
+    const r = await runCycles(file, `${tmp}/ref`, CYCLES, (i) => {
+      if (i % 4 === 0) console.log(`  after cycle ${i}: ${formatCounts(leakCounts())}`);
+    });
+    console.log(`cycles: attach ${summary(r.attachSec)}; detach ${summary(r.detachSec)}`);
+    // The kernel hands out the lowest free id: a leaked one would push the next ones up.
+    assert.deepEqual(new Set(r.ids), new Set([before.ublkIds]), `ids reused: ${r.ids.join(",")}`);
+    assert.ok(nobodyHasOpen(file), "the file is open by nobody");
+  });
+  const after = leakCounts();
+  console.log(
+    `leaks after ${CYCLES} cycles: ${formatCounts(after)} (before: ${formatCounts(before)})`,
+  );
+  assertNoLeaks(after, before, `after ${CYCLES} cycles`);
+  assert.equal(after.logs - before.logs, CYCLES, "one log per attach, kept for the user");
+});
+
+Deno.test("parallel attaches of one file by six different paths: exactly one wins, the others exit 4 in one line", async () => {
+  const before = leakCounts();
+  await withHostFs(SCRATCH_DISK, async (mnt) => {
+    const file = `${mnt}/same.img`;
+    await ok("truncate", ["-s", "16M", file]);
+    Deno.mkdirSync(`${mnt}/sub`);
+    Deno.symlinkSync(file, `${mnt}/sub/symlink.img`);
+    Deno.linkSync(file, `${mnt}/sub/hardlink.img`);
+    const paths = [
+      file,
+      file,
+      `${mnt}/sub/symlink.img`,
+      `${mnt}/sub/hardlink.img`,
+      `${mnt}/sub/../same.img`,
+      `${mnt}//./same.img`,
+    ];
+    const racers = await Promise.all(paths.map((p) => fastloop(["attach", p])));
+    const report = racers.map((r, i) => `${paths[i]}: ${r.code} ${r.stdout}${r.stderr}`).join("\n");
+    const winners = racers.filter((r) => r.code === 0);
+    assert.equal(winners.length, 1, report);
+    const dev = winners[0]!.stdout.trim();
+    for (const loser of racers.filter((r) => r.code !== 0)) {
+      assert.equal(loser.code, 4, report);
+      assert.equal(loser.stderr.trimEnd().split("\n").length, 1, report);
+      assert.match(loser.stderr, /^fastloop: .*(already attached|in use by another process)/);
+      assert.doesNotMatch(loser.stderr, /\n\s+at /);
+      assert.equal(loser.stdout, "");
+    }
+    assert.equal(leakCounts().ublkIds - before.ublkIds, 1, "one device in the kernel");
+    assert.equal(fastloopProcesses().length - before.processes, 2, "one supervisor, one server");
+    await detach(dev);
+  });
+  assertNoLeaks(leakCounts(), before, "after the race");
+});
+
+Deno.test("detach --all racing an attach: the attach wins (device listed and detachable) or loses cleanly", async () => {
+  const before = leakCounts();
+  await withHostFs(SCRATCH_DISK, async (mnt, tmp) => {
+    const file = `${mnt}/race.img`;
+    await ok("dd", ["if=/dev/urandom", `of=${tmp}/ref`, "bs=1M", "count=4", "status=none"]);
+    await ok("dd", [`if=${tmp}/ref`, `of=${file}`, "bs=1M", "status=none"]);
+    const outcomes: string[] = [];
+    // detach --all started at several points of the attach: before its server exists, while
+    // it starts (Deno start-up takes seconds under TCG), and around the device going live.
+    for (const delayMs of [0, 500, 1500, 3000, 6000]) {
+      const attaching = fastloop(["attach", file]);
+      await new Promise((r) => setTimeout(r, delayMs));
+      const detaching = await fastloop(["detach", "--all"]);
+      const attached = await attaching;
+      assert.equal(detaching.code, 0, `detach --all: ${detaching.stderr}`);
+      // Either way the state is consistent: what the kernel has is what stat lists.
+      const st = await fastloop(["stat", "--json"]);
+      assert.equal(st.code, 0, st.stderr);
+      const rows = JSON.parse(st.stdout) as Array<{ device: string; server: { state: string } }>;
+      const kernel = leakCounts();
+      if (attached.code === 0) {
+        const dev = attached.stdout.trim();
+        if (rows.length === 1) {
+          outcomes.push(`${delayMs} ms: attach won`);
+          assert.equal(rows[0]!.device, dev);
+          assert.equal(rows[0]!.server.state, "running");
+          assert.equal(kernel.ublkIds - before.ublkIds, 1);
+          await ok("cmp", [dev, `${tmp}/ref`]);
+          await detach(dev);
+        } else {
+          outcomes.push(`${delayMs} ms: attached, then detached by --all`);
+          assert.equal(rows.length, 0, st.stdout);
+        }
+      } else {
+        outcomes.push(`${delayMs} ms: attach lost (${attached.code}: ${attached.stderr.trim()})`);
+        assert.equal(attached.stderr.trimEnd().split("\n").length, 1, attached.stderr);
+        assert.match(attached.stderr, /^fastloop: /);
+        assert.equal(rows.length, 0, st.stdout);
+      }
+      assertNoLeaks(leakCounts(), before, `after the race at ${delayMs} ms`);
+      assert.ok(nobodyHasOpen(file), "the file is open by nobody");
+    }
+    console.log(`detach --all vs attach: ${outcomes.join("; ")}`);
+    // The file is untouched by all of it.
+    Deno.writeTextFileSync("/proc/sys/vm/drop_caches", "3");
+    await ok("cmp", [file, `${tmp}/ref`]);
+  });
+  const after = leakCounts();
+  assertNoLeaks(after, before, "after the races");
+});
