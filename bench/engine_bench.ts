@@ -16,10 +16,11 @@
 //! runQueue's turn without the ublk commands, the doorbell and the mailbox. Requests are at most
 //! the server's 512 KiB (a 1 MiB IO is two requests, as the block layer splits it for ublk).
 //!
-//! Profile columns (engine; fio's own for fio): CPU µs per IO (utime+stime from /proc), context
-//! switches per IO (sleeps and wakeups; fio: its `ctx`), and for the engine io_uring_enter calls
-//! per IO (the ring's count) and JS µs per IO (wall time outside io_uring_enter). `--strace`
-//! re-runs one engine cell under `strace -c -f` to count io_uring_enter independently.
+//! Profile columns (engine: /proc/self; fio: its own accounting of the job): CPU µs per IO
+//! (user+system) and its user part (for the engine: JS, V8 and the FFI calls; CPU time, so a
+//! preempted thread does not inflate it), context switches per IO (sleeps and wakeups), and for
+//! the engine io_uring_enter calls per IO (the ring's count). `--strace` re-runs each engine cell
+//! under `strace -c -f` to count io_uring_enter (and all syscalls) from outside the process.
 //!
 //! Needs root, fio, mkfs.ext4, losetup, filefrag. Usage:
 //!   deno run --allow-all bench/engine_bench.ts [--file-mib 512] [--runtime 3] [--repeats 3]
@@ -87,10 +88,11 @@ interface Sample {
   p50us: number;
   p99us: number;
   cpuUsPerIo: number;
+  /** User-space part of cpuUsPerIo: JS, V8 and the FFI calls (for fio: its C code). */
+  userUsPerIo: number;
   ctxPerIo: number;
   /** Engine only. */
   entersPerIo?: number;
-  jsUsPerIo?: number;
 }
 
 async function sh(cmd: string): Promise<string> {
@@ -138,18 +140,19 @@ async function runFio(
     p50us: (pct["50.000000"] ?? 0) / 1000,
     p99us: (pct["99.000000"] ?? 0) / 1000,
     cpuUsPerIo: ((job.usr_cpu + job.sys_cpu) / 100) * job.job_runtime * 1000 / ios,
+    userUsPerIo: (job.usr_cpu / 100) * job.job_runtime * 1000 / ios,
     ctxPerIo: job.ctx / ios,
   };
 }
 
 // --- the engine -------------------------------------------------------------------------------
 
-/** CPU time of this process (all threads: the engine's and Deno's), in µs, from /proc. */
-function processCpuUs(): number {
+/** User and system CPU time of this process (all threads: the engine's and Deno's), in µs. */
+function processCpuUs(): { user: number; sys: number } {
   const stat = Deno.readTextFileSync("/proc/self/stat");
-  // Field 3 of stat(5) is f[0]: utime is field 14, stime field 15.
+  // Field 3 of stat(5) is f[0]: utime is field 14, stime field 15, in USER_HZ (100) ticks.
   const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(f[11]) + Number(f[12])) * 1e6 / 100; // USER_HZ
+  return { user: Number(f[11]) * 1e4, sys: Number(f[12]) * 1e4 };
 }
 
 /** Context switches of the calling thread (voluntary: it slept; involuntary: preempted). */
@@ -245,7 +248,6 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
   const latencies = new Float64Array(4 << 20);
   let nLat = 0;
   let requests = 0;
-  let enterMs = 0;
   let turns = 0;
   let outstanding = depth;
   try {
@@ -257,11 +259,9 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     for (let tag = 0; tag < depth; tag++) post(tag, tStart);
     while (outstanding > 0) {
       // runQueue's turn: submit and wait once, drain every CQE, then the engine's chores.
-      const t0 = performance.now();
       if (ring.cqReady() === 0) ring.submitAndWait(1);
       else ring.submit();
       const t1 = performance.now();
-      enterMs += t1 - t0;
       ring.reapCqes(onCqe);
       engine.applyInvalidations();
       engine.runDeferred();
@@ -280,7 +280,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
       }
       tLast = t1;
     }
-    const cpu = processCpuUs() - cpu0;
+    const cpu1 = processCpuUs();
     const ctx = threadContextSwitches() - ctx0;
     // The file is fully written: every byte of every request must have gone to the device.
     const c = engine.views.counters;
@@ -298,10 +298,10 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
       mibs: ios * cell.bs / MiB / seconds,
       p50us: (lat[Math.floor(nLat * 0.5)] ?? 0) * 1000,
       p99us: (lat[Math.floor(nLat * 0.99)] ?? 0) * 1000,
-      cpuUsPerIo: cpu / ios,
+      cpuUsPerIo: (cpu1.user + cpu1.sys - cpu0.user - cpu0.sys) / ios,
+      userUsPerIo: (cpu1.user - cpu0.user) / ios,
       ctxPerIo: ctx / ios,
       entersPerIo: ring.enterCalls / ios,
-      jsUsPerIo: ((tLast - tStart) - enterMs) * 1000 / ios,
     };
     return { sample, enters: ring.enterCalls, requests: posted };
   } finally {
@@ -312,28 +312,57 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
   }
 }
 
-/** One engine cell under `strace -c -f`: io_uring_enter calls counted outside the process. */
-async function straceCrossCheck(cell: Cell, t: EngineTarget): Promise<string> {
+/** One engine run of `cell` in a child process under `strace -c -f`: its summary and counts. */
+async function straceRun(t: EngineTarget, cell: Cell, runtime: string) {
   const self = new URL(import.meta.url).pathname;
   const out = await new Deno.Command("strace", {
     args: [
-      ...["-f", "-c", "-e", "trace=io_uring_enter"],
-      ...[Deno.execPath(), "run", "--allow-all", "--no-check", self, "--engine-child"],
-      ...["--file-mib", opts["file-mib"]!, "--runtime", opts.runtime!],
+      ...["-f", "-c", Deno.execPath(), "run", "--allow-all", "--no-check", self],
+      ...["--engine-child", "--file-mib", opts["file-mib"]!, "--runtime", runtime],
     ],
     env: { ENGINE_BENCH_CHILD: JSON.stringify({ cell, t }) },
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const text = new TextDecoder().decode(out.stdout);
-  const err = new TextDecoder().decode(out.stderr);
-  if (!out.success) throw new Error(`strace run failed: ${err.trim()}`);
-  const child = JSON.parse(text) as EngineRun;
-  const m = /^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?io_uring_enter$/m.exec(err);
-  const counted = Number(m?.[1] ?? NaN);
-  return `strace -c -f, engine ${cell.name}: ${counted} io_uring_enter calls (the ring counted ` +
-    `${child.enters}) for ${child.requests} requests: ${(counted / child.requests).toFixed(3)} ` +
-    `per request`;
+  const summary = new TextDecoder().decode(out.stderr);
+  if (!out.success) throw new Error(`strace run failed: ${summary.trim()}`);
+  const run = JSON.parse(new TextDecoder().decode(out.stdout)) as EngineRun;
+  // "% time  seconds  usecs/call  calls  [errors]  syscall": calls is the fourth column.
+  const calls = (name: string) => {
+    const line = summary.split("\n").find((l) => l.trimEnd().endsWith(` ${name}`));
+    return Number(line?.trim().split(/\s+/)[3] ?? 0);
+  };
+  return { summary, run, enters: calls("io_uring_enter"), total: calls("total") };
+}
+
+/**
+ * Each engine cell again in a child process under `strace -c -f`, counted from outside: once for
+ * the run time and once for no time (Deno's start-up, the setup, one request per tag), and the
+ * difference divided by the difference in requests. The summaries go to the output directory.
+ */
+async function straceCrossCheck(t: EngineTarget, outDir: string): Promise<string> {
+  const lines = [
+    "strace -c -f, engine, per request (a 1 MiB IO is two), start-up subtracted:",
+    "",
+    "| cell | requests | io_uring_enter (strace) | (ring's count) | per request | " +
+    "all syscalls per request |",
+    "|---|---|---|---|---|---|",
+  ];
+  for (const cell of CELLS) {
+    const full = await straceRun(t, cell, opts.runtime!);
+    const idle = await straceRun(t, cell, "0");
+    const requests = full.run.requests - idle.run.requests;
+    const name = cell.name.replaceAll(" ", "-");
+    await Deno.writeTextFile(`${outDir}/strace-${name}.txt`, full.summary);
+    lines.push(
+      `| ${cell.name} | ${requests} | ${full.enters - idle.enters} | ${
+        full.run.enters - idle.run.enters
+      } | ${((full.enters - idle.enters) / requests).toFixed(3)} | ${
+        ((full.total - idle.total) / requests).toFixed(3)
+      } |`,
+    );
+  }
+  return lines.join("\n") + "\n";
 }
 
 // --- setup and table --------------------------------------------------------------------------
@@ -414,7 +443,7 @@ function render(
     `ratios of medians; other columns are medians.`,
     "",
     "| cell | contender | IOPS | ÷ device | ÷ file | MiB/s | p50 µs | p99 µs | CPU µs/IO | " +
-    "ctx sw/IO | enters/IO | JS µs/IO |",
+    "user µs/IO | ctx sw/IO | enters/IO |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ];
   for (const [cell, by] of results) {
@@ -437,9 +466,9 @@ function render(
           f(Math.max(...iops))
         }] | ${ratio(m("iops")!, "device")} | ${ratio(m("iops")!, "file")} | ${f(m("mibs"), 1)} | ${
           f(m("p50us"))
-        } | ${f(m("p99us"))} | ${f(m("cpuUsPerIo"), 1)} | ${f(m("ctxPerIo"), 2)} | ${
-          f(m("entersPerIo"), 3)
-        } | ${f(m("jsUsPerIo"), 1)} |`,
+        } | ${f(m("p99us"))} | ${f(m("cpuUsPerIo"), 1)} | ${f(m("userUsPerIo"), 1)} | ${
+          f(m("ctxPerIo"), 2)
+        } | ${f(m("entersPerIo"), 3)} |`,
       );
     }
   }
@@ -485,9 +514,9 @@ async function main(): Promise<void> {
       }
     }
     let table = render(kernel, setup, results);
-    if (opts.strace) table += "\n" + await straceCrossCheck(CELLS[0]!, t) + "\n";
-    console.log(table);
     await Deno.mkdir(opts.out!, { recursive: true });
+    if (opts.strace) table += "\n" + await straceCrossCheck(t, opts.out!);
+    console.log(table);
     const out = `${opts.out}/engine-${kernel}-${new Date().toISOString().slice(0, 19)}.md`;
     await Deno.writeTextFile(out, table);
     console.error(`engine bench: table written to ${out}`);
