@@ -18,7 +18,9 @@
 //!
 //! Profile columns (engine: /proc/self; fio: its own accounting of the job): CPU µs per IO
 //! (user+system) and its user part (for the engine: JS, V8 and the FFI calls; CPU time, so a
-//! preempted thread does not inflate it), context switches per IO (sleeps and wakeups), and for
+//! preempted thread does not inflate it; the kernel splits user/system by sampling ticks, so the
+//! split is rough where each IO is a short burst after a sleep, e.g. at QD1), context switches
+//! per IO (sleeps and wakeups), and for
 //! the engine io_uring_enter calls per IO (the ring's count). `--strace` re-runs each engine cell
 //! under `strace -c -f` to count io_uring_enter (and all syscalls) from outside the process.
 //!
