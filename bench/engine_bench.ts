@@ -7,26 +7,30 @@
 //!  - device: fio (io_uring, direct=1) on the loop device, over the longest physically
 //!    contiguous run of the file (what reading the file's blocks can cost at best);
 //!  - file:   fio on the file through ext4, O_DIRECT (the path the kernel's loop --direct-io takes);
-//!  - engine: `QueueEngine` on the queue's own ring (`setupQueueRing`), fed synthetic requests.
+//!  - engine: `QueueEngine` on the queue's own ring (`setupQueueRing`), fed synthetic requests;
+//!  - engine-fixed: the same with its buffers registered (FASTLOOP_FIXED_BUFFERS=1).
+//! Cells run interleaved (every contender once per round) so load changes hit all of them.
 //!
 //! The seam: the engine knows nothing of ublk. It reads a request from a descriptor area (here an
 //! ArrayBuffer this file writes, as the driver would) and hands the finished request to a
 //! `Completer` (in the server, COMMIT_AND_FETCH). Here the completer puts the tag back and the
 //! next request is posted in the same turn, as if the ublk round trip cost nothing; the loop is
 //! runQueue's turn without the ublk commands, the doorbell and the mailbox. Requests are at most
-//! the server's 512 KiB (a 1 MiB IO is two requests, as the block layer splits it for ublk).
+//! the server's 512 KiB (a 1 MiB IO is two requests, as the block layer splits it for ublk);
+//! engine latencies are per request, from the turn that posted it to the turn that saw it done.
 //!
 //! Profile columns (engine: /proc/self; fio: its own accounting of the job): CPU µs per IO
 //! (user+system) and its user part (for the engine: JS, V8 and the FFI calls; CPU time, so a
 //! preempted thread does not inflate it; the kernel splits user/system by sampling ticks, so the
 //! split is rough where each IO is a short burst after a sleep, e.g. at QD1), context switches
-//! per IO (sleeps and wakeups), and for
-//! the engine io_uring_enter calls per IO (the ring's count). `--strace` re-runs each engine cell
-//! under `strace -c -f` to count io_uring_enter (and all syscalls) from outside the process.
+//! per IO (sleeps and wakeups), and for the engine io_uring_enter calls per IO (the ring's
+//! count). `--strace` re-runs each engine cell under `strace -c -f` to count io_uring_enter (and
+//! all syscalls) from outside the process, Deno's start-up subtracted.
 //!
 //! Needs root, fio, mkfs.ext4, losetup, filefrag. Usage:
 //!   deno run --allow-all bench/engine_bench.ts [--file-mib 512] [--runtime 3] [--repeats 3]
-//!     [--only CELL-SUBSTRING] [--contenders device,file,engine] [--strace] [--out DIR]
+//!     [--only CELL-SUBSTRING] [--contenders device,file,engine,engine-fixed] [--strace]
+//!     [--dir /var/tmp] [--out bench-results]
 
 import { parseArgs } from "node:util";
 import { close, O_DIRECT, O_RDWR, open } from "../ffi/libc.ts";
@@ -396,17 +400,20 @@ async function longestPhysicalRun(path: string): Promise<{ offset: number; size:
   return best;
 }
 
-async function setUp(work: string): Promise<Setup> {
+/** Builds the setup, recording in `s` what exists so far (tearDown undoes exactly that). */
+async function setUp(work: string, s: Partial<Setup>): Promise<Setup> {
   const image = `${work}/fs.img`;
   const mnt = `${work}/mnt`;
   await Deno.mkdir(mnt);
   await sh(`truncate -s ${fileBytes + 256 * MiB} ${image}`);
   const device = (await sh(`losetup --find --show --direct-io=on ${image}`)).trim();
+  s.device = device;
   const dio = (await Deno.readTextFile(`/sys/block/${device.slice(5)}/loop/dio`)).trim();
   if (dio !== "1") throw new Error(`${device}: the loop device did not get direct IO`);
   // Initialise inode tables and journal now: ext4lazyinit must not write during the cells.
   await sh(`mkfs.ext4 -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 ${device}`);
   await sh(`mount ${device} ${mnt}`);
+  s.mnt = mnt;
   const file = `${mnt}/backing.img`;
   await sh(
     `fio --name=fill --filename=${file} --size=${fileBytes} --rw=write --bs=1M ` +
@@ -481,10 +488,9 @@ async function main(): Promise<void> {
   if (Deno.uid() !== 0) throw new Error("engine bench: needs root (losetup, mount)");
   const kernel = (await sh("uname -r")).trim();
   const work = await Deno.makeTempDir({ dir: opts.dir, prefix: "fastloop-engine-bench-" });
-  let s: Partial<Setup> = {};
+  const s: Partial<Setup> = {};
   try {
-    s = await setUp(work);
-    const setup = s as Setup;
+    const setup = await setUp(work, s);
     const t: EngineTarget = {
       file: setup.file,
       device: setup.device,
