@@ -951,8 +951,10 @@ function registerTagBuffers(ring: IoUring, base: number, depth: number, bytes: n
     ring.registerBuffers(regions);
     return true;
   } catch (e) {
-    if (e instanceof SyscallError) return false; // ENOMEM/EPERM (memlock), EFAULT, ...
-    throw e;
+    if (!(e instanceof SyscallError)) throw e;
+    // Asked for explicitly, so say why it is not in force (ENOMEM/EPERM: RLIMIT_MEMLOCK).
+    console.error(`FASTLOOP_FIXED_BUFFERS=1 ignored: ${e.message}`);
+    return false;
   }
 }
 
