@@ -347,3 +347,39 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "engine with registered buffers (FASTLOOP_FIXED_BUFFERS=1) reads and writes every tag's bytes",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      const data = patternBytes(2 * MiB, 9);
+      await writeAt(file, 0, data);
+      Deno.env.set("FASTLOOP_FIXED_BUFFERS", "1");
+      let h: Harness;
+      try {
+        h = new Harness(file, fs.device, 2 * MiB);
+      } finally {
+        Deno.env.delete("FASTLOOP_FIXED_BUFFERS");
+      }
+      try {
+        assert.ok(h.engine.fixedBuffers, "the buffers were registered");
+        // Every tag, so a wrong buffer index shows (READ_FIXED outside its buffer is EFAULT).
+        for (let tag = 0; tag < DEPTH; tag++) {
+          const at = tag * 256 * KiB;
+          assert.equal(h.serve(tag, UBLK_IO_OP_READ, at, 256 * KiB), 256 * KiB);
+          assert.deepEqual(h.buffer(tag, 256 * KiB), data.subarray(at, at + 256 * KiB));
+          const b = patternBytes(64 * KiB, 10 + tag);
+          h.fill(tag, b);
+          assert.equal(h.serve(tag, UBLK_IO_OP_WRITE, MiB + at, b.length), b.length);
+          assert.deepEqual(await readDirect(file, MiB + at, b.length), b);
+        }
+        assert.equal(h.counter(Counter.bytesReadFile) + h.counter(Counter.bytesWrittenFile), 0);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
