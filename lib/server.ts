@@ -802,6 +802,12 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
     }
     // A short pause so a server that dies at once does not spin; doubling per recent death.
     await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** (deaths.length - 1), 2000)));
+    if (stopping) {
+      // Signalled between two servers: there is no server to pass it to, so detach here.
+      say(`${stopping} between servers: not restarting; removing the device`);
+      await cleanupDeadDevice(record).catch((e) => say(`cleanup failed: ${e}`));
+      return ExitCode.ok;
+    }
   }
 }
 
