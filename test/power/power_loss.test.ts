@@ -19,7 +19,8 @@
 // completes, so what this mostly tests is the file path: records written into the file's holes
 // are durable only once the server's fsync of the file commits ext4's allocation. Checked once on
 // 6.12 by breaking fastloop on purpose (FLUSH completed without fsync, FUA dropped): 32 of the 128
-// durable records came back as zeros, all of them in the holes, and this test failed.
+// durable records came back as zeros (the first one, flush seq 33, in a hole), and this test
+// failed.
 //
 // Runs once per kernel in FASTLOOP_TEST_KERNELS (default "6.12 7.3"; empty: ignored).
 
