@@ -219,6 +219,9 @@ function physicalOf(extents: PhysExtent[], at: number): number {
 
 // --- host filesystem with sentinels ---------------------------------------------------------
 
+/** Files a scenario keeps open; closed by `withHostFs` if the scenario fails. */
+const openFiles: Deno.FsFile[] = [];
+
 interface HostFs {
   mnt: string;
   /** tmpfs directory for references. */
@@ -288,7 +291,16 @@ async function withHostFs(
     ranMs = performance.now() - started - setupMs;
     failed = false;
   } finally {
-    if (failed) await fastloop(["detach", "--all", "--force"]);
+    if (failed) {
+      for (const f of openFiles.splice(0)) {
+        try {
+          f.close();
+        } catch {
+          // Closed already.
+        }
+      }
+      await fastloop(["detach", "--all", "--force"]);
+    }
     try {
       if (!failed) {
         dropCaches();
@@ -297,9 +309,16 @@ async function withHostFs(
         }
       }
     } finally {
-      await run("umount", [mnt]);
-      Deno.removeSync(mnt, { recursive: true });
-      Deno.removeSync(tmp, { recursive: true });
+      // After a failure these may fail too (a file still open): the first error is the one.
+      const umount = await run("umount", [mnt]);
+      if (umount.code !== 0) await run("umount", ["-l", mnt]);
+      for (const dir of [mnt, tmp]) {
+        try {
+          Deno.removeSync(dir, { recursive: true });
+        } catch (e) {
+          console.error(`cleanup: ${dir}: ${e}`);
+        }
+      }
     }
   }
   const fsck = kind === "ext4"
@@ -709,6 +728,7 @@ async function foreignChange(
   // Another process keeps the file open (the server may have retaken the lease meanwhile), so
   // the first checks run on the file path; the caller closes it to test the regained lease.
   const holder = await Deno.open(file, { read: true });
+  openFiles.push(holder);
   assert.equal((await stat(dev)).mode, "file");
 
   // The victim: random bytes filling the free space (less 1 MiB for its own metadata).
