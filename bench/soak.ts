@@ -399,12 +399,15 @@ export function allowedGrowthKiB(firstKiB: number): number {
   return Math.max(16 * 1024, firstKiB * 0.15);
 }
 
-export function assertFlat(samples: MemorySample[]): void {
+export function assertFlat(
+  samples: MemorySample[],
+  allowedKiB: (firstKiB: number) => number = allowedGrowthKiB,
+): void {
   const growth = memoryGrowth(samples);
   assert.ok(growth.length > 0, "memory was sampled in both halves of the run");
   for (const g of growth) {
     assert.ok(
-      g.secondKiB - g.firstKiB <= allowedGrowthKiB(g.firstKiB),
+      g.secondKiB - g.firstKiB <= allowedKiB(g.firstKiB),
       `${g.role} ${g.pid}: RSS grew from ${g.firstKiB} KiB to ${g.secondKiB} KiB`,
     );
     assert.equal(
