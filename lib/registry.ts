@@ -203,9 +203,12 @@ export function findByFile(path: string): RegistryEntry | null {
     null;
 }
 
-/** Parses `/dev/ublkbN`, `ublkbN` or `N` to a device id; null when it is none of those. */
+/**
+ * Parses `/dev/ublkbN`, `ublkbN` or `N` to a device id; null when it is none of those. N is
+ * written as the kernel names devices: no leading zeros, so `ublkb00` is not taken for `ublkb0`.
+ */
 export function parseDeviceRef(ref: string): number | null {
-  const m = /^(?:\/dev\/ublkb|ublkb)?([0-9]{1,7})$/.exec(ref);
+  const m = /^(?:\/dev\/ublkb|ublkb)?(0|[1-9][0-9]{0,6})$/.exec(ref);
   return m ? Number(m[1]) : null;
 }
 

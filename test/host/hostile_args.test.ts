@@ -6,6 +6,7 @@
 // adversarial ones. The cases that need a real device are in test/vm/hostile.test.ts.
 
 import assert from "node:assert/strict";
+import { parseDeviceRef } from "../../lib/registry.ts";
 
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 const HAS_UBLK = exists("/dev/ublk-control");
@@ -374,4 +375,14 @@ Deno.test({
       }
     });
   },
+});
+
+Deno.test("parseDeviceRef() takes only the kernel's spelling of a device: no leading zeros, signs or spaces", () => {
+  for (const [ref, id] of [["0", 0], ["ublkb0", 0], ["/dev/ublkb12", 12], ["9999999", 9999999]]) {
+    assert.equal(parseDeviceRef(ref as string), id, String(ref));
+  }
+  for (const ref of ["00", "ublkb00", "/dev/ublkb012", "-1", "+1", " 1", "1 ", "0x1", "1e3", ""]) {
+    assert.equal(parseDeviceRef(ref), null, JSON.stringify(ref));
+  }
+  assert.equal(parseDeviceRef("99999999"), null, "past seven digits");
 });

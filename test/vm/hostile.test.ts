@@ -26,7 +26,7 @@ function assertOneLineError(r: Run, code: number, pattern: RegExp, what: string)
   assert.equal(r.code, code, shown);
   assert.equal(r.stderr.trimEnd().split("\n").length, 1, shown);
   assert.match(r.stderr, /^fastloop: /, shown);
-  assert.match(r.stderr, pattern, shown);
+  assert.match(r.stderr.trimEnd(), pattern, shown);
   assert.ok(r.stderr.length < 1000, `${what}: a ${r.stderr.length}-character message`);
   assert.equal(r.stdout, "", shown);
 }
@@ -64,10 +64,12 @@ Deno.test("a file named with a space and a newline attaches, serves its bytes, a
       [["attach", `${tmp}/link-to-file`], 4, /already attached as \/dev\/ublkb[0-9]+$/],
       [["attach", `${tmp}/link-to-device`], 3, /is a block device, not a regular file$/],
       [["attach", dev], 3, /is a block device, not a regular file$/],
-      [["attach", `/dev/${dev.slice(5).replace("b", "c")}`], 3, /is a character device/],
+      [["attach", dev.replace("ublkb", "ublkc")], 3, /is a character device/],
       [["attach", "--read-only", file], 4, /already attached/],
       [["detach", ""], 7, /"" is not attached/],
       [["detach", "a".repeat(100_000)], 7, /\(100000 characters\) is not attached/],
+      // Leading zeros: not another name for the device (ublkb00 was read as ublkb0).
+      [["detach", dev.replace(/[0-9]+$/, (n) => `00${n}`)], 7, /is not attached/],
       [["detach", `${dev}0`], 7, /is not attached/],
       [["detach", "--", "-1"], 7, /-1 is not attached/],
       [["detach", `${file}\n`], 7, /is not attached/],
@@ -131,8 +133,10 @@ Deno.test("the largest --queues and --depth attach and pass fio verify, or are r
         continue;
       }
       const dev = r.stdout.trim();
+      // blk-mq lists only the hardware queues some CPU maps to (measured: 2 of 32 on 2 CPUs).
       const nrQueues = [...Deno.readDirSync(`/sys/block/${dev.slice(5)}/mq`)].length;
-      assert.equal(nrQueues, Number(opts[1]), "the kernel's queue count");
+      const cpus = navigator.hardwareConcurrency;
+      assert.equal(nrQueues, Math.min(Number(opts[1]), cpus), "the kernel's mapped queues");
       const depth = Number(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/mq/0/nr_tags`));
       assert.equal(depth, Number(opts[3]), "the kernel's tags per queue");
       await ok("fio", [
@@ -140,11 +144,12 @@ Deno.test("the largest --queues and --depth attach and pass fio verify, or are r
         `--filename=${dev}`,
         "--rw=randwrite",
         "--bs=4k",
-        `--size=${16 * MIB}`,
+        `--size=${8 * MIB}`,
         "--ioengine=io_uring",
         "--direct=1",
         "--iodepth=64",
         "--numjobs=2",
+        "--offset_increment=8M", // each job writes and verifies its own 8 MiB
         "--verify=crc32c",
         "--verify_fatal=1",
       ]);
