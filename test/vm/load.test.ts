@@ -154,9 +154,9 @@ Deno.test("detach --all racing an attach: the attach wins (device listed and det
     const outcomes: string[] = [];
     // detach --all started at several points of the attach: before its server exists, while
     // it starts (Deno start-up takes seconds under TCG), and around the device going live.
-    for (const delayMs of [0, 1500, 6000]) {
+    for (const what of [0, 1500, 6000]) {
       const attaching = fastloop(["attach", file]);
-      await new Promise((r) => setTimeout(r, delayMs));
+      await new Promise((r) => setTimeout(r, what));
       const detaching = await fastloop(["detach", "--all"]);
       const attached = await attaching;
       assert.equal(detaching.code, 0, `detach --all: ${detaching.stderr}`);
@@ -168,23 +168,23 @@ Deno.test("detach --all racing an attach: the attach wins (device listed and det
       if (attached.code === 0) {
         const dev = attached.stdout.trim();
         if (rows.length === 1) {
-          outcomes.push(`${delayMs} ms: attach won`);
+          outcomes.push(`${what} ms: attach won`);
           assert.equal(rows[0]!.device, dev);
           assert.equal(rows[0]!.server.state, "running");
           assert.equal(kernel.ublkIds - before.ublkIds, 1);
           await ok("cmp", [dev, `${tmp}/ref`]);
           await detach(dev);
         } else {
-          outcomes.push(`${delayMs} ms: attached, then detached by --all`);
+          outcomes.push(`${what} ms: attached, then detached by --all`);
           assert.equal(rows.length, 0, st.stdout);
         }
       } else {
-        outcomes.push(`${delayMs} ms: attach lost (${attached.code}: ${attached.stderr.trim()})`);
+        outcomes.push(`${what} ms: attach lost (${attached.code}: ${attached.stderr.trim()})`);
         assert.equal(attached.stderr.trimEnd().split("\n").length, 1, attached.stderr);
         assert.match(attached.stderr, /^fastloop: /);
         assert.equal(rows.length, 0, st.stdout);
       }
-      assertNoLeaks(leakCounts(), before, `after the race at ${delayMs} ms`);
+      assertNoLeaks(leakCounts(), before, `after the race at ${what} ms`);
       assert.ok(nobodyHasOpen(file), "the file is open by nobody");
     }
     console.log(`detach --all vs attach: ${outcomes.join("; ")}`);
