@@ -12,67 +12,34 @@
 
 import assert from "node:assert/strict";
 import { parseArgs } from "node:util";
+import * as support from "../test/vm/support.ts";
+import { ok, type Run, run } from "../test/vm/support.ts";
 
 export const MIB = 1024 * 1024;
 
-export interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-export async function run(
-  program: string,
-  args: string[],
-  env: Record<string, string> = {},
-): Promise<Run> {
-  const out = await new Deno.Command(program, {
-    args,
-    env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Runs a tool that must succeed; returns its stdout. */
-export async function ok(program: string, args: string[]): Promise<string> {
-  const r = await run(program, args);
-  assert.equal(
-    r.code,
-    0,
-    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
-  );
-  return r.stdout;
-}
+export { ok, type Run, run } from "../test/vm/support.ts";
 
 /**
- * Runs the CLI. Eight servers starting at once in the TCG VM, on a host shared with other VMs,
- * took over attach's default 180 s to come up (measured), so the bound is raised here: these
- * tests are about what happens under load, not about start-up time.
+ * Eight servers starting at once in the TCG VM, on a host shared with other VMs, took over
+ * attach's default 180 s to come up (measured), so the bound is raised here: these runs are
+ * about what happens under load, not about start-up time.
  */
+const LOAD_ENV = {
+  FASTLOOP_ATTACH_TIMEOUT_MS: Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS") ?? "900000",
+};
+
+/** Runs the CLI with the raised start-up bound. */
 export function fastloop(args: string[]): Promise<Run> {
-  return run("fastloop", args, {
-    FASTLOOP_ATTACH_TIMEOUT_MS: Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS") ?? "900000",
-  });
+  return support.fastloop(args, { env: LOAD_ENV });
 }
 
-/** Attaches `file`; checks the kernel's view of the new device (size in /sys). */
-export async function attach(file: string, extra: string[] = []): Promise<string> {
-  const r = await fastloop(["attach", ...extra, file]);
-  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
-  const dev = r.stdout.trim();
-  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
-  const sectors = Number(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/size`).trim());
-  assert.equal(sectors * 512, Deno.statSync(file).size, `${dev}: device size = file size`);
-  return dev;
+/** Attaches `file` (the kernel's view of the device checked), with the raised start-up bound. */
+export function attach(file: string, extra: string[] = []): Promise<string> {
+  return support.attach(file, extra, { env: LOAD_ENV });
 }
 
-export async function detach(ref: string): Promise<void> {
-  const r = await fastloop(["detach", ref]);
-  assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
+export function detach(ref: string): Promise<void> {
+  return support.detach(ref, { env: LOAD_ENV });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,67 +7,19 @@
 // for each test and unmounted at its end.
 
 import assert from "node:assert/strict";
+import {
+  attach,
+  detach,
+  fastloop,
+  ok,
+  registryFiles,
+  run,
+  serverProcesses,
+  ublkDevices,
+} from "./support.ts";
 
 const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function run(
-  program: string,
-  args: string[],
-  opts: { stdin?: Uint8Array } = {},
-): Promise<Run> {
-  const child = new Deno.Command(program, {
-    args,
-    stdin: opts.stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (opts.stdin) {
-    const w = child.stdin.getWriter();
-    await w.write(opts.stdin);
-    await w.close();
-  }
-  const out = await child.output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Runs a tool that must succeed; returns its stdout. */
-async function ok(program: string, args: string[]): Promise<string> {
-  const r = await run(program, args);
-  assert.equal(
-    r.code,
-    0,
-    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
-  );
-  return r.stdout;
-}
-
-function fastloop(args: string[]): Promise<Run> {
-  return run("fastloop", args);
-}
-
-async function attach(file: string, extra: string[] = []): Promise<string> {
-  const r = await fastloop(["attach", ...extra, file]);
-  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
-  const dev = r.stdout.trim();
-  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
-  // The kernel's view, not fastloop's: the block device exists with the file's size.
-  const sectors = Number(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/size`).trim());
-  assert.equal(sectors * 512, Deno.statSync(file).size, "device size = file size");
-  return dev;
-}
-
-async function detach(ref: string): Promise<void> {
-  const r = await fastloop(["detach", ref]);
-  assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
-}
 
 interface StatRow {
   device: string;
@@ -99,44 +51,6 @@ async function randomReference(path: string, sizeBytes: number): Promise<void> {
     `count=${sizeBytes / MIB}`,
     "status=none",
   ]);
-}
-
-/** ublk devices the kernel has, from /sys (independent of the registry). */
-function ublkDevices(): string[] {
-  try {
-    return [...Deno.readDirSync("/sys/class/ublk-char")].map((e) => e.name);
-  } catch {
-    return [];
-  }
-}
-
-function serverProcesses(): number[] {
-  const pids: number[] = [];
-  for (const p of Deno.readDirSync("/proc")) {
-    if (!/^[0-9]+$/.test(p.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${p.name}/cmdline`).split("\0").includes("__server")) {
-        pids.push(Number(p.name));
-      }
-    } catch {
-      // Exited meanwhile.
-    }
-  }
-  return pids;
-}
-
-function registryFiles(): string[] {
-  const left: string[] = [];
-  for (const dir of ["/run/fastloop", "/run/fastloop/files"]) {
-    try {
-      for (const e of Deno.readDirSync(dir)) {
-        if (e.isFile || e.isSymlink) left.push(`${dir}/${e.name}`);
-      }
-    } catch {
-      // Never created.
-    }
-  }
-  return left;
 }
 
 function assertNothingLeft(): void {

@@ -8,59 +8,10 @@
 // sha256 of sentinel files read through the host filesystem, e2fsck, /sys/block/*/stat, /proc.
 
 import assert from "node:assert/strict";
+import { attach, detach, fastloop, ok, run, serverProcesses, ublkDevices } from "./support.ts";
 
 const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function run(
-  program: string,
-  args: string[],
-  opts: { env?: Record<string, string> } = {},
-): Promise<Run> {
-  const out = await new Deno.Command(program, {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: opts.env,
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Runs a tool that must succeed; returns its stdout. */
-async function ok(program: string, args: string[]): Promise<string> {
-  const r = await run(program, args);
-  assert.equal(
-    r.code,
-    0,
-    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
-  );
-  return r.stdout;
-}
-
-function fastloop(args: string[], env?: Record<string, string>): Promise<Run> {
-  return run("fastloop", args, { env });
-}
-
-async function attach(file: string, extra: string[] = [], env?: Record<string, string>) {
-  const r = await fastloop(["attach", ...extra, file], env);
-  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
-  const dev = r.stdout.trim();
-  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
-  return dev;
-}
-
-async function detach(ref: string): Promise<void> {
-  const r = await fastloop(["detach", ref]);
-  assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
-}
 
 interface StatRow {
   device: string;
@@ -113,29 +64,6 @@ function running(pid: number): boolean {
 function completedIos(dev: string): number {
   const f = Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/stat`).trim().split(/\s+/);
   return Number(f[0]) + Number(f[4]);
-}
-
-function ublkDevices(): string[] {
-  try {
-    return [...Deno.readDirSync("/sys/class/ublk-char")].map((e) => e.name);
-  } catch {
-    return [];
-  }
-}
-
-function serverProcesses(): number[] {
-  const pids: number[] = [];
-  for (const p of Deno.readDirSync("/proc")) {
-    if (!/^[0-9]+$/.test(p.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${p.name}/cmdline`).split("\0").includes("__server")) {
-        pids.push(Number(p.name));
-      }
-    } catch {
-      // Exited meanwhile.
-    }
-  }
-  return pids;
 }
 
 function assertNothingLeft(): void {
@@ -224,7 +152,7 @@ Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes
     const file = `${mnt}/kills.img`;
     await ok("truncate", ["-s", "256M", file]);
     // These kills are on purpose: lift the crash-loop bound (5 in 60 s), tested in cli.test.ts.
-    const dev = await attach(file, [], { FASTLOOP_CRASH_LIMIT: "1000" });
+    const dev = await attach(file, [], { env: { FASTLOOP_CRASH_LIMIT: "1000" } });
     const supervisor = recordOf(dev).supervisor?.pid;
     assert.ok(supervisor && running(supervisor), "attach left a supervisor behind");
     await ok("mkfs.ext4", ["-F", "-q", dev]);

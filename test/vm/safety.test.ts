@@ -9,37 +9,10 @@
 // --json` counters are asserted only where they say which path the bytes took.
 
 import assert from "node:assert/strict";
+import { attach, detach, fastloop, ok, run, ublkDevices } from "./support.ts";
 
 const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function run(program: string, args: string[]): Promise<Run> {
-  const out = await new Deno.Command(program, {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Runs a tool that must succeed; returns its stdout. */
-async function ok(program: string, args: string[]): Promise<string> {
-  const r = await run(program, args);
-  assert.equal(
-    r.code,
-    0,
-    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
-  );
-  return r.stdout;
-}
 
 /** A shell pipeline that must succeed (bash in the VM). */
 function sh(script: string): Promise<string> {
@@ -98,23 +71,6 @@ function fileSize(path: string): number {
 
 // --- fastloop ---------------------------------------------------------------------------------
 
-function fastloop(args: string[]): Promise<Run> {
-  return run("fastloop", args);
-}
-
-async function attach(file: string, extra: string[] = []): Promise<string> {
-  const r = await fastloop(["attach", ...extra, file]);
-  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
-  const dev = r.stdout.trim();
-  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
-  return dev;
-}
-
-async function detach(ref: string): Promise<void> {
-  const r = await fastloop(["detach", ref]);
-  assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
-}
-
 interface StatRow {
   mode: string;
   lease: string;
@@ -152,14 +108,6 @@ async function waitFast(dev: string, timeoutMs = 30_000): Promise<StatRow> {
     if (row.mode === "fast") return row;
     assert.ok(Date.now() < deadline, `no fast path within ${timeoutMs} ms: ${JSON.stringify(row)}`);
     await sleep(250);
-  }
-}
-
-function ublkDevices(): string[] {
-  try {
-    return [...Deno.readDirSync("/sys/class/ublk-char")].map((e) => e.name);
-  } catch {
-    return [];
   }
 }
 

@@ -9,56 +9,20 @@
 // Oracles: /sys/block, /proc, the run directory, F_SETLEASE, cmp, the log texts themselves.
 
 import assert from "node:assert/strict";
+import {
+  attach,
+  fastloop,
+  ok,
+  registryFiles,
+  run,
+  serverProcesses,
+  ublkDevices,
+} from "./support.ts";
 import { close, O_RDWR, open } from "../../ffi/libc.ts";
 import { setLease } from "../../ffi/fcntl.ts";
 
 const SCRATCH_DISK = "/dev/vda";
 const RUN_DIR = "/run/fastloop";
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function run(
-  program: string,
-  args: string[],
-  opts: { uid?: number; env?: Record<string, string> } = {},
-): Promise<Run> {
-  const out = await new Deno.Command(program, {
-    args,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
-    ...(opts.env ? { env: opts.env } : {}),
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-async function ok(program: string, args: string[]): Promise<string> {
-  const r = await run(program, args);
-  assert.equal(
-    r.code,
-    0,
-    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
-  );
-  return r.stdout;
-}
-
-function fastloop(args: string[]): Promise<Run> {
-  return run("fastloop", args);
-}
-
-async function attach(file: string): Promise<string> {
-  const r = await fastloop(["attach", file]);
-  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
-  const dev = r.stdout.trim();
-  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
-  return dev;
-}
 
 interface Record_ {
   server: { pid: number };
@@ -76,41 +40,6 @@ function running(pid: number): boolean {
     return !Deno.readTextFileSync(`/proc/${pid}/stat`).includes(") Z ");
   } catch {
     return false;
-  }
-}
-
-function fastloopProcesses(): number[] {
-  const pids: number[] = [];
-  for (const p of Deno.readDirSync("/proc")) {
-    if (!/^[0-9]+$/.test(p.name)) continue;
-    try {
-      if (Deno.readTextFileSync(`/proc/${p.name}/cmdline`).split("\0").includes("__server")) {
-        pids.push(Number(p.name));
-      }
-    } catch {
-      // Exited meanwhile.
-    }
-  }
-  return pids;
-}
-
-function registryFiles(): string[] {
-  const left: string[] = [];
-  for (const dir of [RUN_DIR, `${RUN_DIR}/files`]) {
-    try {
-      for (const e of Deno.readDirSync(dir)) if (!e.isDirectory) left.push(`${dir}/${e.name}`);
-    } catch {
-      // Never created.
-    }
-  }
-  return left;
-}
-
-function ublkDevices(): string[] {
-  try {
-    return [...Deno.readDirSync("/sys/class/ublk-char")].map((e) => e.name);
-  } catch {
-    return [];
   }
 }
 
@@ -230,7 +159,7 @@ Deno.test("SIGTERM and SIGINT to the server or to the supervisor (also mid-recov
       }
     }
     assert.deepEqual(ublkDevices(), [], "no ublk device left");
-    assert.deepEqual(fastloopProcesses(), [], "no fastloop process left");
+    assert.deepEqual(serverProcesses(), [], "no fastloop process left");
     assert.deepEqual(registryFiles(), [], "no record, socket or lock left");
     assert.deepEqual(JSON.parse((await fastloop(["stat", "--json"])).stdout), []);
 

@@ -1,0 +1,112 @@
+// What the VM tests share: running tools and the CLI, attach/detach with the kernel's view checked,
+// and counting what fastloop could leave behind (from /sys and /proc, not from fastloop).
+
+import assert from "node:assert/strict";
+
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export interface RunOptions {
+  /** Added to the inherited environment. */
+  env?: Record<string, string>;
+  /** Run as this uid (and the same gid), e.g. 65534 for "nobody". */
+  uid?: number;
+  /** Bytes for the program's stdin (otherwise /dev/null). */
+  stdin?: Uint8Array;
+}
+
+export async function run(program: string, args: string[], opts: RunOptions = {}): Promise<Run> {
+  const child = new Deno.Command(program, {
+    args,
+    stdin: opts.stdin ? "piped" : "null",
+    stdout: "piped",
+    stderr: "piped",
+    ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
+    ...(opts.env ? { env: opts.env } : {}),
+  }).spawn();
+  if (opts.stdin) {
+    const w = child.stdin.getWriter();
+    await w.write(opts.stdin);
+    await w.close();
+  }
+  const out = await child.output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+/** Runs a tool that must succeed; returns its stdout. */
+export async function ok(program: string, args: string[]): Promise<string> {
+  const r = await run(program, args);
+  assert.equal(
+    r.code,
+    0,
+    `${program} ${args.join(" ")} failed (${r.code}): ${r.stderr}${r.stdout}`,
+  );
+  return r.stdout;
+}
+
+/** The CLI from the tree (`bin/fastloop`, on the VM's PATH). */
+export function fastloop(args: string[], opts: RunOptions = {}): Promise<Run> {
+  return run("fastloop", args, opts);
+}
+
+/** Attaches `file`; checks the kernel's view of the new device: it exists with the file's size. */
+export async function attach(
+  file: string,
+  extra: string[] = [],
+  opts: RunOptions = {},
+): Promise<string> {
+  const r = await fastloop(["attach", ...extra, file], opts);
+  assert.equal(r.code, 0, `attach ${file}: ${r.stderr}`);
+  const dev = r.stdout.trim();
+  assert.match(dev, /^\/dev\/ublkb[0-9]+$/);
+  const sectors = Number(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/size`).trim());
+  assert.equal(sectors * 512, Deno.statSync(file).size, `${dev}: device size = file size`);
+  return dev;
+}
+
+export async function detach(ref: string, opts: RunOptions = {}): Promise<void> {
+  const r = await fastloop(["detach", ref], opts);
+  assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
+}
+
+/** ublk devices the kernel has, from /sys (independent of the registry). */
+export function ublkDevices(): string[] {
+  try {
+    return [...Deno.readDirSync("/sys/class/ublk-char")].map((e) => e.name);
+  } catch {
+    return [];
+  }
+}
+
+/** Pids of fastloop's background processes (servers and supervisors: `__server` in argv). */
+export function serverProcesses(): number[] {
+  const pids: number[] = [];
+  for (const p of Deno.readDirSync("/proc")) {
+    if (!/^[0-9]+$/.test(p.name)) continue;
+    try {
+      if (Deno.readTextFileSync(`/proc/${p.name}/cmdline`).split("\0").includes("__server")) {
+        pids.push(Number(p.name));
+      }
+    } catch {
+      // Exited meanwhile.
+    }
+  }
+  return pids;
+}
+
+/** Files left in the registry (records, sockets, locks; not the log directory). */
+export function registryFiles(): string[] {
+  const left: string[] = [];
+  for (const dir of ["/run/fastloop", "/run/fastloop/files"]) {
+    try {
+      for (const e of Deno.readDirSync(dir)) if (!e.isDirectory) left.push(`${dir}/${e.name}`);
+    } catch {
+      // Never created.
+    }
+  }
+  return left;
+}
