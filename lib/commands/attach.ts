@@ -107,14 +107,7 @@ export const command: Command = {
     ];
     if (readOnly) serverArgs.push("--read-only");
     if (values["no-recover"]) serverArgs.push("--no-recover");
-    const [program, ...programArgs] = selfCommand(serverArgs);
-    const child = new Deno.Command(program!, {
-      args: programArgs,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      detached: true,
-    }).spawn();
+    const child = spawnServer(serverArgs);
 
     const ready = await awaitReadiness(child, readyTimeoutMs());
     if (ready.kind === "ok") {
@@ -182,6 +175,18 @@ export type Readiness =
   | { kind: "ok"; reply: Record<string, unknown> }
   | { kind: "failed"; error: string; exitCode: number }
   | { kind: "eof" | "timeout"; stderr: string };
+
+/** Starts fastloop's `__server` with `serverArgs`, detached, its stdout/stderr piped for readiness. */
+export function spawnServer(serverArgs: string[]): Deno.ChildProcess {
+  const [program, ...programArgs] = selfCommand(serverArgs);
+  return new Deno.Command(program!, {
+    args: programArgs,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    detached: true,
+  }).spawn();
+}
 
 /**
  * Reads the server's one readiness line. Its stderr is collected meanwhile: it holds whatever the

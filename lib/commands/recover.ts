@@ -12,7 +12,6 @@ import { hasFeature, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD } from "../../ffi/ubl
 import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
 import { ensureRunDir, quotePath, type RegistryEntry, resolve } from "../registry.ts";
-import { selfCommand } from "../self_exec.ts";
 import { requireRoot } from "../validate.ts";
 import {
   awaitReadiness,
@@ -20,6 +19,7 @@ import {
   lastLine,
   readLog,
   readyTimeoutMs,
+  spawnServer,
   waitExit,
 } from "./attach.ts";
 
@@ -88,15 +88,8 @@ export const command: Command = {
       String(r.id),
     ];
     if (r.options.readOnly) serverArgs.push("--read-only");
-    const [program, ...programArgs] = selfCommand(serverArgs);
     const started = performance.now();
-    const child = new Deno.Command(program!, {
-      args: programArgs,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-      detached: true,
-    }).spawn();
+    const child = spawnServer(serverArgs);
     const ready = await awaitReadiness(child, readyTimeoutMs());
     if (ready.kind === "ok") {
       child.unref();
