@@ -93,6 +93,39 @@ export function ensureRunDir(): void {
   }
 }
 
+/** How many logs of devices that are gone `pruneLogs` keeps (the newest). */
+export const KEPT_OLD_LOGS = 50;
+
+/**
+ * Deletes the oldest logs of devices that are gone, keeping the newest `keep` of them and every
+ * log a record still names, so a host that attaches all day does not fill /run. Best effort: a
+ * log that cannot be listed or deleted stays.
+ */
+export function pruneLogs(keep = KEPT_OLD_LOGS): number {
+  const inUse = new Set(listRecords().map((e) => e.record.logPath));
+  const old: Array<{ path: string; mtimeMs: number }> = [];
+  try {
+    for (const entry of Deno.readDirSync(logDir())) {
+      const path = `${logDir()}/${entry.name}`;
+      if (!entry.isFile || !entry.name.endsWith(".log") || inUse.has(path)) continue;
+      old.push({ path, mtimeMs: Deno.statSync(path).mtime?.getTime() ?? 0 });
+    }
+  } catch {
+    return 0;
+  }
+  old.sort((a, b) => b.mtimeMs - a.mtimeMs);
+  let removed = 0;
+  for (const { path } of old.slice(keep)) {
+    try {
+      Deno.removeSync(path);
+      removed++;
+    } catch {
+      // Gone already, or not ours to remove: leave it.
+    }
+  }
+  return removed;
+}
+
 /** Writes `record` atomically (tmp + rename), mode 0600. */
 export function writeRecord(record: DeviceRecord): void {
   ensureRunDir();

@@ -28,6 +28,23 @@ export const DEPTH_MAX = 4096; // UBLK_MAX_QUEUE_DEPTH
 export const QUEUES_DEFAULT = 1;
 export const DEPTH_DEFAULT = 128;
 
+/**
+ * Each queue owns one IO buffer per tag, depth × max IO bytes in all (mmap'd, filled as requests
+ * touch it). ublk's default max IO (512 KiB) at depth 4096 would be 2 GiB per queue, so the max
+ * IO shrinks as depth grows to keep a queue's buffers within this budget, down to a floor that
+ * still lets large IO through in few pieces (the kernel splits larger requests).
+ */
+export const QUEUE_BUFFER_BUDGET_BYTES = 64 * 1024 * 1024;
+export const MAX_IO_BYTES_CEILING = 512 * 1024;
+export const MAX_IO_BYTES_FLOOR = 64 * 1024;
+
+/** The largest request a device of this depth accepts: a power of two, see the budget above. */
+export function maxIoBytesForDepth(depth: number): number {
+  let bytes = MAX_IO_BYTES_CEILING;
+  while (bytes > MAX_IO_BYTES_FLOOR && bytes * depth > QUEUE_BUFFER_BUDGET_BYTES) bytes >>= 1;
+  return bytes;
+}
+
 /** ublk (and every Linux block device) addresses 512-byte sectors. */
 export const SECTOR_BYTES = 512;
 

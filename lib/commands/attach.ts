@@ -12,12 +12,22 @@
 import { libc } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
-import { cleanupDeadDevice, ensureRunDir, listRecords, logDir, quotePath } from "../registry.ts";
+import {
+  cleanupDeadDevice,
+  ensureRunDir,
+  listRecords,
+  logDir,
+  pruneLogs,
+  quotePath,
+} from "../registry.ts";
 import { selfCommand } from "../self_exec.ts";
 import {
   DEPTH_DEFAULT,
   DEPTH_MAX,
   DEPTH_MIN,
+  MAX_IO_BYTES_CEILING,
+  MAX_IO_BYTES_FLOOR,
+  QUEUE_BUFFER_BUDGET_BYTES,
   QUEUES_DEFAULT,
   QUEUES_MAX,
   QUEUES_MIN,
@@ -43,7 +53,13 @@ through the file (O_DIRECT) everywhere else. The file is guarded by a lease whil
 Options:
   --read-only    attach read-only (a read lease; the device refuses writes)
   --queues N     number of IO queues, one thread each (${QUEUES_MIN}..${QUEUES_MAX}, default ${QUEUES_DEFAULT})
-  --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT})
+  --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT});
+                 a queue's buffers are depth x largest request; above depth ${
+  QUEUE_BUFFER_BUDGET_BYTES / MAX_IO_BYTES_CEILING
+} the largest
+                 request shrinks from ${MAX_IO_BYTES_CEILING / 1024} KiB (down to ${
+  MAX_IO_BYTES_FLOOR / 1024
+} KiB) to keep them near ${QUEUE_BUFFER_BUDGET_BYTES >> 20} MiB
   --no-recover   do not create the device recoverable (IO fails at once if the server dies)
   --json         print a JSON object instead of the device path
   -h, --help     show this help
@@ -88,6 +104,7 @@ export const command: Command = {
     const target = validateAttachFile(positionals[0]!, readOnly);
 
     ensureRunDir();
+    pruneLogs();
     const logPath = `${logDir()}/${logName(target.path)}`;
     // attach leaves the supervisor behind, which runs the server (lib/server.ts).
     const serverArgs = [

@@ -9,13 +9,11 @@ import {
   DEPTH_DEFAULT,
   DEPTH_MAX,
   DEPTH_MIN,
+  maxIoBytesForDepth,
   QUEUES_DEFAULT,
   QUEUES_MAX,
   QUEUES_MIN,
 } from "../validate.ts";
-
-/** Largest request the device accepts (ublk's default max_sectors is 512 KiB). */
-const MAX_IO_BYTES_DEFAULT = 512 * 1024;
 
 export const command: Command = {
   summary: "internal: the per-device server process started by attach",
@@ -62,6 +60,14 @@ export const command: Command = {
       }
       return await runSupervisor({ logPath: values.log, serverArgs, recoverable, recoverDeviceId });
     }
+    const depth = parseIntFlag(
+      "__server",
+      "depth",
+      values.depth,
+      DEPTH_DEFAULT,
+      DEPTH_MIN,
+      DEPTH_MAX,
+    );
     return await runServer({
       filePath,
       readOnly: values["read-only"] ?? false,
@@ -73,8 +79,8 @@ export const command: Command = {
         QUEUES_MIN,
         QUEUES_MAX,
       ),
-      depth: parseIntFlag("__server", "depth", values.depth, DEPTH_DEFAULT, DEPTH_MIN, DEPTH_MAX),
-      maxIoBytes: MAX_IO_BYTES_DEFAULT,
+      depth,
+      maxIoBytes: maxIoBytesForDepth(depth),
       recoverable,
       logPath: values.log,
       expectDev: values.dev,

@@ -6,6 +6,7 @@
 // /sys and /proc (bench/soak.ts `leakCounts`), never fastloop's own view alone.
 
 import assert from "node:assert/strict";
+import { maxIoBytesForDepth } from "../../lib/validate.ts";
 import {
   assertNoLeaks,
   attach,
@@ -139,6 +140,11 @@ Deno.test("the largest --queues and --depth attach and pass fio verify, or are r
       assert.equal(nrQueues, Math.min(Number(opts[1]), cpus), "the kernel's mapped queues");
       const depth = Number(Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/mq/0/nr_tags`));
       assert.equal(depth, Number(opts[3]), "the kernel's tags per queue");
+      // The largest request shrinks with depth so a queue's buffers stay bounded (4096 x 64 KiB).
+      const maxKiB = Number(
+        Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/queue/max_hw_sectors_kb`),
+      );
+      assert.equal(maxKiB, maxIoBytesForDepth(depth) / 1024, "the kernel's largest request");
       await ok("fio", [
         "--name=max",
         `--filename=${dev}`,
