@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { IoUring } from "../../ffi/io_uring.ts";
 import { close, O_DIRECT, O_RDWR, open } from "../../ffi/libc.ts";
-import { EIO, ENOSPC } from "../../ffi/errno.ts";
+import { EAGAIN, EINTR, EIO, ENOSPC } from "../../ffi/errno.ts";
 import {
   IO_DESC_NR_SECTORS,
   IO_DESC_OP_FLAGS,
@@ -54,6 +54,11 @@ class Harness {
   readonly engine: QueueEngine;
   readonly fileFd: number;
   readonly backingFd: number;
+  /**
+   * Fault injection: rewrites a backend completion's result before the engine sees it (the IO
+   * itself really happened), as a kernel returning EINTR or a short count would.
+   */
+  rewrite: ((userData: number, res: number) => number) | null = null;
 
   constructor(file: string, device: string, fileSizeBytes: number, mode: number = Mode.fast) {
     this.fileFd = open(file, O_RDWR | O_DIRECT);
@@ -91,7 +96,9 @@ class Harness {
     this.engine.handleRequest(tag);
     while (!this.done.has(tag)) {
       this.ring.submitAndWait(1);
-      this.ring.reapCqes((ud, res) => this.engine.onBackendCqe(ud, res));
+      this.ring.reapCqes((ud, res) =>
+        this.engine.onBackendCqe(ud, this.rewrite ? this.rewrite(ud, res) : res)
+      );
       this.engine.runDeferred();
     }
     return this.done.get(tag)!;
@@ -377,6 +384,65 @@ Deno.test({
           assert.deepEqual(await readDirect(file, MiB + at, b.length), b);
         }
         assert.equal(h.counter(Counter.bytesReadFile) + h.counter(Counter.bytesWrittenFile), 0);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
+  name: "EINTR, EAGAIN and short transfers from the backend are retried, not failed",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      await run("truncate", ["-s", "2M", file]);
+      await writeAt(file, 0, patternBytes(MiB, 6));
+      const h = new Harness(file, fs.device, 2 * MiB);
+      try {
+        // The first completion of each request is turned into `fault`; every later one is real.
+        const faultFirst = (fault: (res: number) => number) => {
+          let fired = 0;
+          h.rewrite = (_ud, res) => fired++ === 0 ? fault(res) : res;
+          return () => fired;
+        };
+        const cases: Array<[string, (res: number) => number]> = [
+          ["EINTR", () => -EINTR],
+          ["EAGAIN", () => -EAGAIN],
+          // Half of the bytes "transferred": the engine must issue the rest itself.
+          ["short", (res) => res > 4096 ? Math.floor(res / 2 / 512) * 512 : res],
+        ];
+        let retries = h.counter(Counter.retries);
+        for (const [what, fault] of cases) {
+          // A direct write over data, a write into the hole (through the file), a direct read.
+          const data = patternBytes(64 * KiB, what.length);
+          h.fill(1, data);
+          let fired = faultFirst(fault);
+          assert.equal(h.serve(1, UBLK_IO_OP_WRITE, 128 * KiB, data.length), data.length, what);
+          assert.ok(fired() >= 2, `${what}: the write was re-issued`);
+          h.fill(2, data);
+          fired = faultFirst(fault);
+          assert.equal(h.serve(2, UBLK_IO_OP_WRITE, 1536 * KiB, data.length), data.length, what);
+          assert.ok(fired() >= 2, `${what}: the hole write was re-issued`);
+          fired = faultFirst(fault);
+          assert.equal(h.serve(0, UBLK_IO_OP_READ, 128 * KiB, data.length), data.length, what);
+          assert.ok(fired() >= 2, `${what}: the read was re-issued`);
+          assert.deepEqual(h.buffer(0, data.length), data, `${what}: the read's bytes`);
+          // Flush: fdatasync of the device and of the file; only EINTR/EAGAIN apply.
+          if (what !== "short") {
+            fired = faultFirst(fault);
+            assert.equal(h.serve(3, UBLK_IO_OP_FLUSH, 0, 0), 0, `${what}: flush`);
+            assert.ok(fired() >= 2, `${what}: the flush was re-issued`);
+          }
+          h.rewrite = null;
+          assert.deepEqual(await readDirect(file, 128 * KiB, data.length), data, what);
+          assert.deepEqual(await readDirect(file, 1536 * KiB, data.length), data, what);
+          const now = h.counter(Counter.retries);
+          assert.ok(now >= retries + 3, `${what}: retries counted (${retries} -> ${now})`);
+          retries = now;
+        }
+        assert.equal(h.counter(Counter.errorsOther) + h.counter(Counter.errorsEio), 0, "no errors");
       } finally {
         h.close();
       }
