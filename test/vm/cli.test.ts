@@ -16,9 +16,9 @@ import {
   run,
   serverProcesses,
   ublkDevices,
+  withHostFs as withSharedHostFs,
 } from "./support.ts";
 
-const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
 
 interface StatRow {
@@ -59,29 +59,9 @@ function assertNothingLeft(): void {
   assert.deepEqual(registryFiles(), [], "no registry record, socket or lock left");
 }
 
-/**
- * Fresh ext4 on the scratch disk, mounted for the test; afterwards everything the test attached
- * must already be gone, and the disk is unmounted even if the test failed.
- */
-async function withHostFs(fn: (mnt: string, tmp: string) => Promise<void>): Promise<void> {
-  const mnt = Deno.makeTempDirSync({ prefix: "fl-host-" });
-  const tmp = Deno.makeTempDirSync({ prefix: "fl-ref-" });
-  await ok("mkfs.ext4", ["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", SCRATCH_DISK]);
-  await ok("mount", [SCRATCH_DISK, mnt]);
-  let failed = true;
-  try {
-    await fn(mnt, tmp);
-    failed = false;
-  } finally {
-    if (failed) await fastloop(["detach", "--all", "--force"]);
-    // Sentinel of issue 5 in its simplest form: the host filesystem is consistent afterwards.
-    await run("umount", [mnt]);
-    Deno.removeSync(mnt, { recursive: true });
-    Deno.removeSync(tmp, { recursive: true });
-  }
-  const fsck = await run("e2fsck", ["-fn", SCRATCH_DISK]);
-  assert.equal(fsck.code, 0, `host filesystem clean: ${fsck.stdout}${fsck.stderr}`);
-  assertNothingLeft();
+/** A fresh host ext4 for one test; afterwards everything the test attached must be gone. */
+function withHostFs(fn: (mnt: string, tmp: string) => Promise<void>): Promise<void> {
+  return withSharedHostFs(fn, { afterwards: assertNothingLeft });
 }
 
 /** A counter of `DeviceCounters` by path (`bytesRead.direct`); fails if the server lacks it. */

@@ -8,9 +8,18 @@
 // sha256 of sentinel files read through the host filesystem, e2fsck, /sys/block/*/stat, /proc.
 
 import assert from "node:assert/strict";
-import { attach, detach, fastloop, ok, run, serverProcesses, ublkDevices } from "./support.ts";
+import {
+  attach,
+  detach,
+  fastloop,
+  ok,
+  run,
+  SCRATCH_DISK,
+  serverProcesses,
+  ublkDevices,
+  withHostFs as withSharedHostFs,
+} from "./support.ts";
 
-const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
 
 interface StatRow {
@@ -94,40 +103,20 @@ async function checkSentinels(sums: string): Promise<void> {
 }
 
 /**
- * A host ext4 on `device` (made fresh, `mkfsArgs` extra), mounted; afterwards it is unmounted
- * and must be e2fsck clean, and nothing fastloop started may be left.
+ * A host ext4 with 4 KiB blocks on `disk` (`fsSize` of it, or all), mounted; afterwards it must be
+ * e2fsck clean, and nothing fastloop started may be left.
  */
-async function withHostFs(
-  device: string,
-  mkfsArgs: string[],
+function withHostFs(
+  disk: string,
+  fsSize: string | undefined,
   fn: (mnt: string, tmp: string) => Promise<void>,
 ): Promise<void> {
-  const mnt = Deno.makeTempDirSync({ prefix: "fl-host-" });
-  const tmp = Deno.makeTempDirSync({ prefix: "fl-ref-" });
-  await ok("mkfs.ext4", [
-    "-F",
-    "-q",
-    "-b",
-    "4096",
-    "-E",
-    "lazy_itable_init=1,lazy_journal_init=1",
-    device,
-    ...mkfsArgs,
-  ]);
-  await ok("mount", [device, mnt]);
-  let failed = true;
-  try {
-    await fn(mnt, tmp);
-    failed = false;
-  } finally {
-    if (failed) await fastloop(["detach", "--all", "--force"]);
-    await run("umount", [mnt]);
-    Deno.removeSync(mnt, { recursive: true });
-    Deno.removeSync(tmp, { recursive: true });
-  }
-  const fsck = await run("e2fsck", ["-fn", device]);
-  assert.equal(fsck.code, 0, `host filesystem clean: ${fsck.stdout}${fsck.stderr}`);
-  assertNothingLeft();
+  return withSharedHostFs(fn, {
+    disk,
+    fsSize,
+    mkfsArgs: ["-b", "4096"],
+    afterwards: assertNothingLeft,
+  });
 }
 
 function median(xs: number[]): number {
@@ -147,7 +136,7 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs: number): Pr
 const KILLS = Number(Deno.env.get("FASTLOOP_FAULT_KILLS") ?? "20");
 
 Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes on ext4 on the device: each time it comes back, fio verifies, e2fsck is clean`, async () => {
-  await withHostFs(SCRATCH_DISK, [], async (mnt, tmp) => {
+  await withHostFs(SCRATCH_DISK, undefined, async (mnt, tmp) => {
     const sums = await writeSentinels(mnt);
     const file = `${mnt}/kills.img`;
     await ok("truncate", ["-s", "256M", file]);
@@ -257,7 +246,7 @@ Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes
 });
 
 Deno.test("supervisor and server both killed: the device stays, 'fastloop recover' brings it back, held IO completes, data intact", async () => {
-  await withHostFs(SCRATCH_DISK, [], async (mnt, tmp) => {
+  await withHostFs(SCRATCH_DISK, undefined, async (mnt, tmp) => {
     const file = `${mnt}/recover.img`;
     const ref = `${tmp}/ref`;
     await ok("dd", ["if=/dev/urandom", `of=${ref}`, "bs=1M", "count=32", "status=none"]);
@@ -374,7 +363,7 @@ Deno.test("EIO from the host filesystem's device (dm error target under the file
   await ok("dmsetup", ["create", name, "--table", linear]);
   try {
     const node = await dmNode(name);
-    await withHostFs(node, [], async (mnt) => {
+    await withHostFs(node, undefined, async (mnt) => {
       const sums = await writeSentinels(mnt);
       const file = `${mnt}/eio.img`;
       const size = 64 * MIB;
@@ -457,7 +446,7 @@ Deno.test("EIO from the host filesystem's device (dm error target under the file
 
 Deno.test("ENOSPC: a sparse file larger than the host filesystem's free space, filled through the device: the write that cannot allocate fails, what was acknowledged reads back, the server lives", async () => {
   // A 128 MiB ext4 at the start of the scratch disk, with a 256 MiB sparse file on it.
-  await withHostFs(SCRATCH_DISK, ["128M"], async (mnt, tmp) => {
+  await withHostFs(SCRATCH_DISK, "128M", async (mnt, tmp) => {
     const sums = await writeSentinels(mnt);
     const file = `${mnt}/sparse.img`;
     const size = 256 * MIB;

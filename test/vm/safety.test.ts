@@ -9,9 +9,8 @@
 // --json` counters are asserted only where they say which path the bytes took.
 
 import assert from "node:assert/strict";
-import { attach, detach, fastloop, ok, run, ublkDevices } from "./support.ts";
+import { attach, detach, fastloop, ok, run, SCRATCH_DISK, ublkDevices } from "./support.ts";
 
-const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
 
 /** A shell pipeline that must succeed (bash in the VM). */

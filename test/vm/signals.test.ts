@@ -17,11 +17,11 @@ import {
   run,
   serverProcesses,
   ublkDevices,
+  withHostFs,
 } from "./support.ts";
 import { close, O_RDWR, open } from "../../ffi/libc.ts";
 import { setLease } from "../../ffi/fcntl.ts";
 
-const SCRATCH_DISK = "/dev/vda";
 const RUN_DIR = "/run/fastloop";
 
 interface Record_ {
@@ -64,26 +64,6 @@ async function liveStat(dev: string): Promise<any> {
     const [row] = JSON.parse(r.stdout);
     if (row?.server?.state === "running" || Date.now() > deadline) return row;
   }
-}
-
-/** Fresh ext4 on the scratch disk for one test; unmounted and fsck'd afterwards. */
-async function withHostFs(fn: (mnt: string, tmp: string) => Promise<void>): Promise<void> {
-  const mnt = Deno.makeTempDirSync({ prefix: "fl-host-" });
-  const tmp = Deno.makeTempDirSync({ prefix: "fl-ref-" });
-  await ok("mkfs.ext4", ["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", SCRATCH_DISK]);
-  await ok("mount", [SCRATCH_DISK, mnt]);
-  let failed = true;
-  try {
-    await fn(mnt, tmp);
-    failed = false;
-  } finally {
-    if (failed) await fastloop(["detach", "--all", "--force"]);
-    await run("umount", [mnt]);
-    Deno.removeSync(mnt, { recursive: true });
-    Deno.removeSync(tmp, { recursive: true });
-  }
-  const fsck = await run("e2fsck", ["-fn", SCRATCH_DISK]);
-  assert.equal(fsck.code, 0, `host filesystem clean: ${fsck.stdout}${fsck.stderr}`);
 }
 
 /** A preallocated file and a random reference image of `sizeMiB` on tmpfs. */

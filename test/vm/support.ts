@@ -110,3 +110,59 @@ export function registryFiles(): string[] {
   }
   return left;
 }
+
+/** The VM's scratch disk (scripts/vm.sh): the host filesystem of a test is made on it. */
+export const SCRATCH_DISK = "/dev/vda";
+
+export interface HostFsOptions {
+  /** The device to make the filesystem on (default the scratch disk). */
+  disk?: string;
+  /** Extra mkfs.ext4 options, before the device (e.g. ["-b", "4096"]). */
+  mkfsArgs?: string[];
+  /** The filesystem's size, after the device (e.g. "128M"; default the whole device). */
+  fsSize?: string;
+  /** Called before the cleanup when `fn` failed, while what it left is still there. */
+  onFailure?: (error: unknown) => Promise<void>;
+  /** Called after the filesystem checked clean (e.g. "nothing left" assertions). */
+  afterwards?: () => void;
+}
+
+/**
+ * Fresh ext4, mounted for `fn` with a scratch directory on tmpfs for references. Afterwards it is
+ * unmounted even if `fn` failed (then everything attached is force-detached first), and must be
+ * e2fsck clean: the simplest form of issue 5's sentinel.
+ */
+export async function withHostFs(
+  fn: (mnt: string, tmp: string) => Promise<void>,
+  opts: HostFsOptions = {},
+): Promise<void> {
+  const disk = opts.disk ?? SCRATCH_DISK;
+  const mnt = Deno.makeTempDirSync({ prefix: "fl-host-" });
+  const tmp = Deno.makeTempDirSync({ prefix: "fl-ref-" });
+  await ok("mkfs.ext4", [
+    "-F",
+    "-q",
+    "-E",
+    "lazy_itable_init=1,lazy_journal_init=1",
+    ...(opts.mkfsArgs ?? []),
+    disk,
+    ...(opts.fsSize ? [opts.fsSize] : []),
+  ]);
+  await ok("mount", [disk, mnt]);
+  let failed = true;
+  try {
+    await fn(mnt, tmp);
+    failed = false;
+  } catch (e) {
+    await opts.onFailure?.(e);
+    throw e;
+  } finally {
+    if (failed) await fastloop(["detach", "--all", "--force"]);
+    await run("umount", [mnt]);
+    Deno.removeSync(mnt, { recursive: true });
+    Deno.removeSync(tmp, { recursive: true });
+  }
+  const fsck = await run("e2fsck", ["-fn", disk]);
+  assert.equal(fsck.code, 0, `host filesystem clean: ${fsck.stdout}${fsck.stderr}`);
+  opts.afterwards?.();
+}
