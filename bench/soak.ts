@@ -436,36 +436,21 @@ export function summary(xs: number[]): string {
   return `median ${at(0.5)} s, p90 ${at(0.9)} s, max ${s[s.length - 1]!.toFixed(2)} s`;
 }
 
-/** Fresh ext4 on the scratch disk for `fn`; unmounted (and checked with e2fsck) afterwards. */
-export async function withHostFs(
+/**
+ * Fresh ext4 on `disk` for `fn` (support's `withHostFs`); a failure is printed at once with the
+ * diagnostics (deno test shows a failure's message only after the whole file ran).
+ */
+export function withHostFs(
   disk: string,
   fn: (mnt: string, tmp: string) => Promise<void>,
 ): Promise<void> {
-  const mnt = Deno.makeTempDirSync({ prefix: "fl-host-" });
-  const tmp = Deno.makeTempDirSync({ prefix: "fl-ref-" });
-  await ok("mkfs.ext4", ["-F", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1", disk]);
-  await ok("mount", [disk, mnt]);
-  let failed = true;
-  try {
-    await fn(mnt, tmp);
-    failed = false;
-  } catch (e) {
-    // Printed at once: deno test shows a failure's message only after the whole file ran.
-    console.log(`failed: ${e instanceof Error ? e.message.slice(0, 4000) : e}`);
-    throw e;
-  } finally {
-    if (failed) {
+  return support.withHostFs(fn, {
+    disk,
+    onFailure: async (e) => {
+      console.log(`failed: ${e instanceof Error ? e.message.slice(0, 4000) : e}`);
       await printDiagnostics();
-      const r = await fastloop(["detach", "--all", "--force"]);
-      console.log(`cleanup: detach --all --force: exit ${r.code} ${r.stderr.trim()}`);
-      console.log(`cleanup: left ${formatCounts(leakCounts())}`);
-    }
-    await run("umount", [mnt]);
-    Deno.removeSync(mnt, { recursive: true });
-    Deno.removeSync(tmp, { recursive: true });
-  }
-  const fsck = await run("e2fsck", ["-fn", disk]);
-  assert.equal(fsck.code, 0, `host filesystem clean: ${fsck.stdout}${fsck.stderr}`);
+    },
+  });
 }
 
 /** What a failed run leaves, printed before the cleanup erases it: stat, counts, log tails. */
