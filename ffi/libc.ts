@@ -148,6 +148,10 @@ export const POSIX_FADV_DONTNEED = 4;
 
 export const PAGE_SIZE = 4096;
 
+// prctl(2), linux/prctl.h.
+export const SYS_prctl = 157;
+export const PR_SET_THP_DISABLE = 41;
+
 const encoder = new TextEncoder();
 
 /** A NUL-terminated copy of `s` for a `const char *` parameter. */
@@ -274,6 +278,19 @@ export function mmap(
 
 export function munmap(p: Deno.PointerValue, len: number): void {
   check(libc.munmap(p, BigInt(len)), "munmap", `${len} bytes`);
+}
+
+/**
+ * Turns transparent huge pages off for this process and the children it starts (the flag is
+ * inherited across fork and execve). With THP "always" (Debian's default) a 2 MiB page backs a
+ * region where one 4 KiB page was touched, and khugepaged keeps collapsing more over time: a
+ * server's resident memory then creeps up for minutes with nothing new allocated. Measured in
+ * the soak: +9..29 MiB per server over 10 minutes; one 64 MiB mapping held 32 MiB of huge pages
+ * under 4 KiB IO; a server under 4 KiB IO settled at 104 MiB with THP and 86 MiB without.
+ */
+export function disableTransparentHugePages(): void {
+  const r = rawSyscall(SYS_prctl, BigInt(PR_SET_THP_DISABLE), 1n, 0n, 0n, 0n);
+  if (r < 0) throw new SyscallError("prctl(PR_SET_THP_DISABLE)", -r);
 }
 
 /** True when `path` names anything stat(2) can reach (a sysfs attribute, a device node). */

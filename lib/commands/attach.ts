@@ -9,7 +9,7 @@
 //! outlive it. The server undoes its own half-made start-up before it reports a failure; if
 //! nothing reports, `attach` kills the supervisor's process group and removes what it left.
 
-import { libc } from "../../ffi/libc.ts";
+import { disableTransparentHugePages, libc } from "../../ffi/libc.ts";
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
 import {
@@ -193,8 +193,17 @@ export type Readiness =
   | { kind: "failed"; error: string; exitCode: number }
   | { kind: "eof" | "timeout"; stderr: string };
 
-/** Starts fastloop's `__server` with `serverArgs`, detached, its stdout/stderr piped for readiness. */
+/**
+ * Starts fastloop's `__server` with `serverArgs`, detached, its stdout/stderr piped for readiness.
+ * Without transparent huge pages from its first page on (the flag is inherited): see
+ * `disableTransparentHugePages`.
+ */
 export function spawnServer(serverArgs: string[]): Deno.ChildProcess {
+  try {
+    disableTransparentHugePages();
+  } catch {
+    // An old kernel: the server only uses more memory.
+  }
   const [program, ...programArgs] = selfCommand(serverArgs);
   return new Deno.Command(program!, {
     args: programArgs,

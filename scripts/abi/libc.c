@@ -4,8 +4,10 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -46,6 +48,8 @@ int main(void)
 	CONST(FALLOC_FL_PUNCH_HOLE);
 	CONST(FALLOC_FL_ZERO_RANGE);
 	CONST(POSIX_FADV_DONTNEED);
+	VALUE("SYS_prctl", SYS_prctl);
+	CONST(PR_SET_THP_DISABLE);
 	VALUE("PAGE_SIZE", sysconf(_SC_PAGESIZE));
 
 	SIZE("STAT_SIZE", struct stat);

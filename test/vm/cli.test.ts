@@ -90,6 +90,12 @@ Deno.test("a fully written random file reads back byte-identical through the dev
     assert.ok(counter(row, "bytesRead.direct") >= 64 * MIB, "every byte read on the direct path");
     assert.equal(counter(row, "bytesRead.file"), 0, "nothing read through the file");
     const rec = recordOf(dev);
+    // Transparent huge pages are off in both processes (attach sets PR_SET_THP_DISABLE, which
+    // they inherit): with THP their memory crept up for minutes in the soak.
+    for (const pid of [rec.server.pid, rec.supervisor?.pid ?? rec.server.pid]) {
+      const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+      assert.match(status, /^THP_enabled:\s+0$/m, `pid ${pid}: THP disabled`);
+    }
     console.log(
       `resident memory: server ${rssMiB(rec.server.pid)} MiB, supervisor ${
         rec.supervisor ? rssMiB(rec.supervisor.pid) : "-"
