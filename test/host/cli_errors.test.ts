@@ -4,75 +4,8 @@
 // process with its own state directory (FASTLOOP_RUN_DIR) so parallel suites cannot collide.
 
 import assert from "node:assert/strict";
+import { assertOneLineError, exists, fastloop, filesUnder, HAS_UBLK } from "./cli_support.ts";
 import { close, libc, O_RDWR, open } from "../../ffi/libc.ts";
-
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
-const HAS_UBLK = exists("/dev/ublk-control");
-
-function exists(path: string): boolean {
-  try {
-    Deno.lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function fastloop(
-  args: string[],
-  opts: { runDir: string; cwd?: string; asUser?: number },
-): Promise<Run> {
-  let program = Deno.execPath();
-  let argv = ["run", "--allow-all", "--no-check", "--quiet", MAIN, ...args];
-  const env: Record<string, string> = { FASTLOOP_RUN_DIR: opts.runDir, NO_COLOR: "1" };
-  if (opts.asUser !== undefined) {
-    // setpriv (util-linux) drops to an unprivileged uid; Deno needs a cache dir it may write.
-    env["DENO_DIR"] = `${opts.runDir}/deno-dir`;
-    Deno.mkdirSync(env["DENO_DIR"], { recursive: true, mode: 0o777 });
-    Deno.chmodSync(env["DENO_DIR"], 0o777);
-    argv = [
-      `--reuid=${opts.asUser}`,
-      `--regid=${opts.asUser}`,
-      "--clear-groups",
-      program,
-      ...argv,
-    ];
-    program = "setpriv";
-  }
-  const out = await new Deno.Command(program, {
-    args: argv,
-    cwd: opts.cwd,
-    env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-/** Files (not directories) left anywhere under `dir`, relative paths; deno-dir excluded. */
-function filesUnder(dir: string, prefix = ""): string[] {
-  const found: string[] = [];
-  let entries: Deno.DirEntry[];
-  try {
-    entries = [...Deno.readDirSync(dir)];
-  } catch {
-    return found;
-  }
-  for (const e of entries) {
-    if (e.name === "deno-dir") continue;
-    if (e.isDirectory) found.push(...filesUnder(`${dir}/${e.name}`, `${prefix}${e.name}/`));
-    else found.push(`${prefix}${e.name}`);
-  }
-  return found;
-}
 
 /** PIDs of processes whose command line mentions `needle` (read from /proc, not from fastloop). */
 function processesMentioning(needle: string): number[] {
@@ -87,17 +20,6 @@ function processesMentioning(needle: string): number[] {
     }
   }
   return pids;
-}
-
-/** One line on stderr, prefixed, without a stack trace. */
-function assertOneLineError(run: Run, code: number, pattern: RegExp): void {
-  assert.deepEqual(run.code, code, `exit code (stderr: ${run.stderr})`);
-  const lines = run.stderr.trimEnd().split("\n");
-  assert.deepEqual(lines.length, 1, `one line on stderr, got: ${run.stderr}`);
-  assert.match(lines[0]!, /^fastloop: /);
-  assert.match(lines[0]!, pattern);
-  assert.ok(!/\n\s+at /.test(run.stderr), "no stack trace");
-  assert.deepEqual(run.stdout, "", "nothing on stdout");
 }
 
 /** A scratch directory with a run dir inside; removed afterwards. */

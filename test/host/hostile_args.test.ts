@@ -6,82 +6,11 @@
 // adversarial ones. The cases that need a real device are in test/vm/hostile.test.ts.
 
 import assert from "node:assert/strict";
+import { assertOneLineError, fastloop, filesUnder, HAS_UBLK } from "./cli_support.ts";
 import { parseDeviceRef } from "../../lib/registry.ts";
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
-const HAS_UBLK = exists("/dev/ublk-control");
 /** 100 kB: under Linux's 128 KiB limit for one argv string, far over PATH_MAX. */
 const HUGE = "a".repeat(100_000);
-/** Longest stderr line accepted: a message quoting a huge argument must cut it short. */
-const LINE_MAX = 1000;
-
-function exists(path: string): boolean {
-  try {
-    Deno.lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs fastloop from source; `dropDac` keeps uid 0 but drops the capabilities that bypass
- * file permissions (as a confined root would have), so a 0700 directory really is closed. */
-async function fastloop(
-  args: string[],
-  opts: { runDir: string; cwd?: string; dropDac?: boolean },
-): Promise<Run> {
-  let program = Deno.execPath();
-  let argv = ["run", "--allow-all", "--no-check", "--quiet", MAIN, ...args];
-  if (opts.dropDac) {
-    const caps = "-dac_override,-dac_read_search";
-    argv = [`--inh-caps=${caps}`, `--bounding-set=${caps}`, program, ...argv];
-    program = "setpriv";
-  }
-  const out = await new Deno.Command(program, {
-    args: argv,
-    cwd: opts.cwd,
-    env: { FASTLOOP_RUN_DIR: opts.runDir, NO_COLOR: "1" },
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-function assertOneLineError(run: Run, code: number, pattern: RegExp, what: string): void {
-  const shown = `${what}: exit ${run.code}, stderr: ${run.stderr.slice(0, 2000)}`;
-  assert.equal(run.code, code, shown);
-  const lines = run.stderr.trimEnd().split("\n");
-  assert.equal(lines.length, 1, `one line on stderr: ${shown}`);
-  assert.match(lines[0]!, /^fastloop: /, shown);
-  assert.match(lines[0]!, pattern, shown);
-  assert.ok(lines[0]!.length <= LINE_MAX, `${what}: a ${lines[0]!.length}-character line`);
-  assert.doesNotMatch(run.stderr, /\bat .*\.ts:\d+/, `no stack trace: ${shown}`);
-  assert.equal(run.stdout, "", `nothing on stdout: ${shown}`);
-}
-
-/** Files left anywhere under `dir` (relative paths). */
-function filesUnder(dir: string, prefix = ""): string[] {
-  const found: string[] = [];
-  let entries: Deno.DirEntry[];
-  try {
-    entries = [...Deno.readDirSync(dir)];
-  } catch {
-    return found;
-  }
-  for (const e of entries) {
-    if (e.isDirectory) found.push(...filesUnder(`${dir}/${e.name}`, `${prefix}${e.name}/`));
-    else found.push(`${prefix}${e.name}`);
-  }
-  return found;
-}
 
 function serverProcesses(): number[] {
   const pids: number[] = [];

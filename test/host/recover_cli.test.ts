@@ -4,44 +4,10 @@
 // directory (FASTLOOP_RUN_DIR); the processes they name are real ones (this test, a reaped child).
 
 import assert from "node:assert/strict";
+import { assertOneLineError, fastloop, type Run } from "./cli_support.ts";
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function recover(args: string[], runDir: string, asUser?: number): Promise<Run> {
-  let program = Deno.execPath();
-  let argv = ["run", "--allow-all", "--no-check", "--quiet", MAIN, "recover", ...args];
-  const env: Record<string, string> = { FASTLOOP_RUN_DIR: runDir, NO_COLOR: "1" };
-  if (asUser !== undefined) {
-    env["DENO_DIR"] = `${runDir}/deno-dir`;
-    Deno.mkdirSync(env["DENO_DIR"], { recursive: true, mode: 0o777 });
-    Deno.chmodSync(env["DENO_DIR"], 0o777);
-    argv = [`--reuid=${asUser}`, `--regid=${asUser}`, "--clear-groups", program, ...argv];
-    program = "setpriv";
-  }
-  const out = await new Deno.Command(program, {
-    args: argv,
-    env,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
-
-function assertOneLineError(run: Run, code: number, pattern: RegExp): void {
-  assert.equal(run.code, code, `exit code (stderr: ${run.stderr})`);
-  const lines = run.stderr.trimEnd().split("\n");
-  assert.equal(lines.length, 1, `one line on stderr, got: ${run.stderr}`);
-  assert.match(lines[0]!, /^fastloop: /);
-  assert.match(lines[0]!, pattern);
-  assert.equal(run.stdout, "");
+function recover(args: string[], runDir: string, asUser?: number): Promise<Run> {
+  return fastloop(["recover", ...args], { runDir, asUser });
 }
 
 function startTicks(pid: number): number {
