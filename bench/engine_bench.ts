@@ -50,6 +50,7 @@ import {
   QueueEngine,
   setupQueueRing,
 } from "../lib/event_loop.ts";
+import { longestPhysicalRun } from "./filefrag.ts";
 
 const { values: opts } = parseArgs({
   args: Deno.args,
@@ -382,24 +383,6 @@ interface Setup {
   logicalBlockSize: number;
 }
 
-/** The longest physically contiguous run of the file, from `filefrag -v` (4 KiB units). */
-async function longestPhysicalRun(path: string): Promise<{ offset: number; size: number }> {
-  const text = await sh(`filefrag -v -b4096 ${path}`);
-  let best = { offset: 0, size: 0 };
-  let cur = { start: -1, end: -1 };
-  for (const line of text.split("\n")) {
-    const m = line.match(/^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):\s+(\d+):/);
-    if (!m) continue;
-    const start = Number(m[1]);
-    const end = Number(m[2]) + 1;
-    if (start === cur.end) cur.end = end;
-    else cur = { start, end };
-    const size = (cur.end - cur.start) * 4096;
-    if (size > best.size) best = { offset: cur.start * 4096, size };
-  }
-  return best;
-}
-
 /** Builds the setup, recording in `s` what exists so far (tearDown undoes exactly that). */
 async function setUp(work: string, s: Partial<Setup>): Promise<Setup> {
   const image = `${work}/fs.img`;
@@ -419,7 +402,7 @@ async function setUp(work: string, s: Partial<Setup>): Promise<Setup> {
     `fio --name=fill --filename=${file} --size=${fileBytes} --rw=write --bs=1M ` +
       `--ioengine=io_uring --direct=1 --iodepth=8 --end_fsync=1 --output=/dev/null`,
   );
-  const run = await longestPhysicalRun(file);
+  const run = await longestPhysicalRunOf(file);
   const logicalBlockSize = Number((await sh(`blockdev --getss ${device}`)).trim());
   return {
     image,
@@ -541,3 +524,8 @@ function child(): void {
 
 if (opts["engine-child"]) child();
 else await main();
+
+/** The longest physically contiguous run of `path` (filefrag, an independent view). */
+async function longestPhysicalRunOf(path: string): Promise<{ offset: number; size: number }> {
+  return longestPhysicalRun(await sh(`filefrag -v -b4096 ${path}`));
+}

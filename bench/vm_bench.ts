@@ -6,6 +6,7 @@
 //! filefrag, losetup. Prints a markdown table and writes it to bench-results/.
 
 import { parseArgs } from "node:util";
+import { longestPhysicalRun } from "./filefrag.ts";
 
 const { values: opts } = parseArgs({
   args: Deno.args,
@@ -124,24 +125,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-/** The longest physically contiguous run of the file, from filefrag (an independent view). */
-async function longestPhysicalRun(path: string): Promise<{ offset: number; size: number }> {
-  const text = await sh(`filefrag -v -b4096 ${path}`);
-  let best = { offset: 0, size: 0 };
-  let cur = { start: -1, end: -1 };
-  for (const line of text.split("\n")) {
-    const m = line.match(/^\s*\d+:\s+\d+\.\.\s*\d+:\s+(\d+)\.\.\s*(\d+):\s+(\d+):/);
-    if (!m) continue;
-    const start = Number(m[1]);
-    const end = Number(m[2]) + 1;
-    if (start === cur.end) cur.end = end;
-    else cur = { start, end };
-    const size = (cur.end - cur.start) * 4096;
-    if (size > best.size) best = { offset: cur.start * 4096, size };
-  }
-  return best;
-}
-
 async function fastloopAvailable(): Promise<boolean> {
   const r = await new Deno.Command("fastloop", { args: ["doctor"], stdout: "null", stderr: "null" })
     .output().catch(() => null);
@@ -157,7 +140,7 @@ async function main() {
       `fio --name=fill --filename=${backingFile} --size=${fileBytes} --rw=write --bs=1M ` +
         `--ioengine=io_uring --direct=1 --iodepth=8 --end_fsync=1 --output=/dev/null`,
     );
-    const raw = await longestPhysicalRun(backingFile);
+    const raw = await longestPhysicalRunOf(backingFile);
     const region = Math.min(raw.size, fileBytes);
     const targets: Array<() => Promise<{ target: Target; cleanup: () => Promise<void> }>> = [
       () =>
@@ -343,3 +326,8 @@ function render(
 }
 
 await main();
+
+/** The longest physically contiguous run of `path` (filefrag, an independent view). */
+async function longestPhysicalRunOf(path: string): Promise<{ offset: number; size: number }> {
+  return longestPhysicalRun(await sh(`filefrag -v -b4096 ${path}`));
+}
