@@ -359,7 +359,7 @@ export const S_IFBLK = 0o060000;
 export const S_IFDIR = 0o040000;
 
 export function fstat(fd: number, object = `fd ${fd}`): Stat {
-  const buf = new Uint8Array(STAT_SIZE);
+  const buf = statScratch;
   check(libc.fstat(fd, buf), "fstat", object);
   const v = new DataView(buf.buffer);
   return {
@@ -383,9 +383,16 @@ export function devMinor(dev: bigint): number {
 
 // struct statfs (x86_64, asm-generic/statfs.h with 64-bit longs).
 export const STATFS_SIZE = 120;
+
 export const STATFS_TYPE = 0; // __kernel_long_t f_type
 export const STATFS_BSIZE = 8; // __kernel_long_t f_bsize
 export const STATFS_FLAGS = 80; // __kernel_long_t f_flags
+
+/**
+ * One buffer for fstat/fstatfs results, reused (the fields are copied out before returning):
+ * fstat runs per request in file mode, and a fresh 144-byte buffer is a malloc each time.
+ */
+const statScratch = new Uint8Array(Math.max(STAT_SIZE, STATFS_SIZE));
 
 export interface StatFs {
   type: number;
@@ -396,7 +403,7 @@ export interface StatFs {
 export const ST_RDONLY = 0x0001;
 
 export function fstatfs(fd: number, object = `fd ${fd}`): StatFs {
-  const buf = new Uint8Array(STATFS_SIZE);
+  const buf = statScratch;
   check(libc.fstatfs(fd, buf), "fstatfs", object);
   const v = new DataView(buf.buffer);
   return {
