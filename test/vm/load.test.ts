@@ -76,7 +76,7 @@ Deno.test(`${LOAD_DEVICES} devices attached at once under mixed fio verify: no e
     // A 20 s run is mostly warm-up: the first IOs map each queue's buffers and compile the hot
     // path (measured on a loaded host: 66-88 MiB before IO, up to +19 MiB once it ran). So this
     // bound only catches gross growth; fds must not move at all. The soak (10 min, `deno task
-    // soak`) holds RSS to 16 MiB or 15% between the halves of its run.
+    // soak`) holds RSS to 8 MiB or 10% between the halves of its run.
     assertFlat(load.samples, (firstKiB) => Math.max(32 * 1024, firstKiB * 0.5));
     for (let i = 0; i < LOAD_DEVICES; i++) {
       assert.ok(nobodyHasOpen(`${mnt}/load-${i}.img`), `load-${i}.img is open by nobody`);
