@@ -4,8 +4,8 @@
 // process with its own state directory (FASTLOOP_RUN_DIR) so parallel suites cannot collide.
 
 import assert from "node:assert/strict";
-import { assertOneLineError, exists, fastloop, filesUnder, HAS_UBLK } from "./cli_support.ts";
-import { close, libc, O_RDWR, open } from "../../ffi/libc.ts";
+import { assertOneLineError, fastloop, filesUnder, HAS_UBLK } from "./cli_support.ts";
+import { close, libc, O_RDWR, open, pathExists } from "../../ffi/libc.ts";
 
 /** PIDs of processes whose command line mentions `needle` (read from /proc, not from fastloop). */
 function processesMentioning(needle: string): number[] {
@@ -263,8 +263,8 @@ Deno.test("a record whose server is dead shows as dead in stat, and detach remov
     assert.match(table.stdout, /\/dev\/ublkb5 .* dead\(/);
     const detach = await fastloop(["detach", file], { runDir });
     assert.deepEqual([detach.code, detach.stderr], [0, ""]);
-    assert.ok(!exists(`${runDir}/ublkb5.json`), "the stale record is gone");
-    assert.ok(!exists(`${runDir}/files/${st.dev}-${st.ino}.lock`), "its lock file too");
+    assert.ok(!pathExists(`${runDir}/ublkb5.json`), "the stale record is gone");
+    assert.ok(!pathExists(`${runDir}/files/${st.dev}-${st.ino}.lock`), "its lock file too");
   });
 });
 

@@ -3,19 +3,11 @@
 // bypass file permissions, and the check that an error is one prefixed line with no stack trace.
 
 import assert from "node:assert/strict";
+import { pathExists } from "../../ffi/libc.ts";
 
 export const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 
-export function exists(path: string): boolean {
-  try {
-    Deno.lstatSync(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-export const HAS_UBLK = exists("/dev/ublk-control");
+export const HAS_UBLK = pathExists("/dev/ublk-control");
 
 export interface Run {
   code: number;
