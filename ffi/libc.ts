@@ -383,7 +383,6 @@ export function devMinor(dev: bigint): number {
 
 // struct statfs (x86_64, asm-generic/statfs.h with 64-bit longs).
 export const STATFS_SIZE = 120;
-
 export const STATFS_TYPE = 0; // __kernel_long_t f_type
 export const STATFS_BSIZE = 8; // __kernel_long_t f_bsize
 export const STATFS_FLAGS = 80; // __kernel_long_t f_flags

@@ -44,6 +44,12 @@ const SIGKILL = 9;
  */
 const READY_TIMEOUT_MS_DEFAULT = 180_000;
 
+// The --depth line's figures (lib/validate.ts, maxIoBytesForDepth).
+const SHRINK_ABOVE = QUEUE_BUFFER_BUDGET_BYTES / MAX_IO_BYTES_CEILING;
+const CEILING_KIB = MAX_IO_BYTES_CEILING / 1024;
+const FLOOR_KIB = MAX_IO_BYTES_FLOOR / 1024;
+const BUDGET_MIB = QUEUE_BUFFER_BUDGET_BYTES / (1024 * 1024);
+
 const HELP = `Usage: fastloop attach FILE [--read-only] [--queues N] [--depth N] [--json]
 
 Attach the regular file FILE as a ublk block device and print its path (/dev/ublkbN).
@@ -54,12 +60,8 @@ Options:
   --read-only    attach read-only (a read lease; the device refuses writes)
   --queues N     number of IO queues, one thread each (${QUEUES_MIN}..${QUEUES_MAX}, default ${QUEUES_DEFAULT})
   --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT});
-                 a queue's buffers are depth x largest request; above depth ${
-  QUEUE_BUFFER_BUDGET_BYTES / MAX_IO_BYTES_CEILING
-} the largest
-                 request shrinks from ${MAX_IO_BYTES_CEILING / 1024} KiB (down to ${
-  MAX_IO_BYTES_FLOOR / 1024
-} KiB) to keep them near ${QUEUE_BUFFER_BUDGET_BYTES >> 20} MiB
+                 a queue's buffers are depth x largest request; above depth ${SHRINK_ABOVE} the largest
+                 request shrinks from ${CEILING_KIB} KiB (down to ${FLOOR_KIB} KiB) to keep them near ${BUDGET_MIB} MiB
   --no-recover   do not create the device recoverable (IO fails at once if the server dies)
   --json         print a JSON object instead of the device path
   -h, --help     show this help

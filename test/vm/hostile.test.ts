@@ -19,8 +19,7 @@ import {
   run,
   withHostFs,
 } from "../../bench/soak.ts";
-
-const SCRATCH_DISK = "/dev/vda";
+import { SCRATCH_DISK } from "./support.ts";
 
 function assertOneLineError(r: Run, code: number, pattern: RegExp, what: string): void {
   const shown = `${what}: exit ${r.code}, stderr: ${r.stderr.slice(0, 1000)}`;

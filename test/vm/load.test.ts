@@ -21,10 +21,10 @@ import {
   summary,
   withHostFs,
 } from "../../bench/soak.ts";
+import { SCRATCH_DISK } from "./support.ts";
 import { setLease, trySetLease } from "../../ffi/fcntl.ts";
 import { close, O_RDWR, open } from "../../ffi/libc.ts";
 
-const SCRATCH_DISK = "/dev/vda";
 const LOAD_DEVICES = 8;
 const LOAD_SECONDS = 20;
 const CYCLES = 8;
