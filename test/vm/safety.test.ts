@@ -9,7 +9,16 @@
 // --json` counters are asserted only where they say which path the bytes took.
 
 import assert from "node:assert/strict";
-import { attach, detach, fastloop, ok, run, SCRATCH_DISK, ublkDevices } from "./support.ts";
+import {
+  attach,
+  detach,
+  fastloop,
+  ok,
+  printFailureDiagnostics,
+  run,
+  SCRATCH_DISK,
+  ublkDevices,
+} from "./support.ts";
 
 const MIB = 1024 * 1024;
 
@@ -237,6 +246,9 @@ async function withHostFs(
     await fn(h);
     ranMs = performance.now() - started - setupMs;
     failed = false;
+  } catch (e) {
+    await printFailureDiagnostics(e);
+    throw e;
   } finally {
     if (failed) {
       for (const f of openFiles.splice(0)) {

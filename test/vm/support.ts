@@ -111,6 +111,36 @@ export function registryFiles(): string[] {
   return left;
 }
 
+/**
+ * What a failed scenario leaves, printed before its cleanup erases it: `fastloop stat`, the last
+ * lines of every server log and the kernel's recent messages. deno test shows a failure's message
+ * only after the whole file ran, and CI keeps nothing else of the VM.
+ */
+export async function printFailureDiagnostics(error: unknown): Promise<void> {
+  const lines = (text: string, n: number) => text.trimEnd().split("\n").slice(-n).join("\n  ");
+  console.log(`failed: ${error instanceof Error ? error.message.slice(0, 2000) : error}`);
+  const st = await fastloop(["stat"]);
+  console.log(
+    `diagnostics: fastloop stat (exit ${st.code}):\n  ${lines(st.stdout + st.stderr, 20)}`,
+  );
+  const logDir = "/run/fastloop/log";
+  try {
+    const recent = [...Deno.readDirSync(logDir)]
+      .filter((e) => e.isFile && e.name.endsWith(".log"))
+      .map((e) => ({ name: e.name, mtime: Deno.statSync(`${logDir}/${e.name}`).mtime!.getTime() }))
+      .sort((a, b) => b.mtime - a.mtime)
+      .slice(0, 4);
+    for (const { name } of recent) {
+      const text = Deno.readTextFileSync(`${logDir}/${name}`);
+      console.log(`diagnostics: ${logDir}/${name} (last lines):\n  ${lines(text, 25)}`);
+    }
+  } catch (e) {
+    console.log(`diagnostics: no server logs: ${e}`);
+  }
+  const dmesg = await run("dmesg", []);
+  console.log(`diagnostics: dmesg (last lines):\n  ${lines(dmesg.stdout, 30)}`);
+}
+
 /** The VM's scratch disk (scripts/vm.sh): the host filesystem of a test is made on it. */
 export const SCRATCH_DISK = "/dev/vda";
 
@@ -121,7 +151,10 @@ export interface HostFsOptions {
   mkfsArgs?: string[];
   /** The filesystem's size, after the device (e.g. "128M"; default the whole device). */
   fsSize?: string;
-  /** Called before the cleanup when `fn` failed, while what it left is still there. */
+  /**
+   * Called before the cleanup when `fn` failed, while what it left is still there (default:
+   * `printFailureDiagnostics`).
+   */
   onFailure?: (error: unknown) => Promise<void>;
   /** Called after the filesystem checked clean (e.g. "nothing left" assertions). */
   afterwards?: () => void;
@@ -154,7 +187,7 @@ export async function withHostFs(
     await fn(mnt, tmp);
     failed = false;
   } catch (e) {
-    await opts.onFailure?.(e);
+    await (opts.onFailure ?? printFailureDiagnostics)(e);
     throw e;
   } finally {
     if (failed) await fastloop(["detach", "--all", "--force"]);
