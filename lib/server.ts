@@ -672,7 +672,7 @@ const CRASH_WINDOW_MS = 60_000;
  * not spin. Measured with the pause after every death: over 20 kills a few seconds apart the
  * recovery time rose from 2.9 s to 6.4 s as the pause reached its 2 s cap.
  */
-const SERVED_LONG_ENOUGH_MS = 1_000;
+export const SERVED_LONG_ENOUGH_MS = 1_000;
 
 function positiveEnv(name: string): number | undefined {
   const n = Number(Deno.env.get(name));
