@@ -210,7 +210,7 @@ fi
 # iovec past IOV_MAX (fixed upstream by "block: Collapse padded I/O vecs exceeding IOV_MAX"). On a
 # fresh sparse image QEMU cannot probe the alignment (O_DIRECT reads of a hole succeed at any
 # size) and assumes 4 KiB. Eight adjacent 512 KiB writes at a 1 KiB offset (an ext4 with 1 KiB
-# blocks on a fastloop device) are exactly that: the fstrim test failed 2 runs in 34 on Debian 12's
+# blocks on a fastloop device) are exactly that: the fstrim test failed 2 runs in 39 on Debian 12's
 # QEMU 7.2, and 0 in 30 with this. The guest's block layer merges anyway.
 qemu=(
   qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m "$mem" -smp "$cpus"
