@@ -440,9 +440,13 @@ export function summary(xs: number[]): string {
   return `median ${at(0.5)} s, p90 ${at(0.9)} s, max ${s[s.length - 1]!.toFixed(2)} s`;
 }
 
+/** Server logs a failure prints the tails of, newest first: one per device of the default run. */
+const FAILURE_LOG_TAILS = 8;
+
 /**
  * Fresh ext4 on `disk` for `fn` (support's `withHostFs`); a failure is printed at once with the
- * diagnostics (deno test shows a failure's message only after the whole file ran).
+ * diagnostics (deno test shows a failure's message only after the whole file ran): the leak
+ * counts and fastloop's processes, then support's stat, log tails (one per device) and dmesg.
  */
 export function withHostFs(
   disk: string,
@@ -451,22 +455,11 @@ export function withHostFs(
   return support.withHostFs(fn, {
     disk,
     onFailure: async (e) => {
-      console.log(`failed: ${e instanceof Error ? e.message.slice(0, 4000) : e}`);
-      await printDiagnostics();
+      console.log(`diagnostics: ${formatCounts(leakCounts())}`);
+      console.log(`diagnostics: processes ${JSON.stringify(fastloopProcesses())}`);
+      await support.printFailureDiagnostics(e, FAILURE_LOG_TAILS);
     },
   });
-}
-
-/** What a failed run leaves, printed before the cleanup erases it: stat, counts, log tails. */
-export async function printDiagnostics(): Promise<void> {
-  console.log(`diagnostics: ${formatCounts(leakCounts())}`);
-  console.log(`diagnostics: processes ${JSON.stringify(fastloopProcesses())}`);
-  const st = await fastloop(["stat"]);
-  console.log(`diagnostics: stat (exit ${st.code}):\n${st.stdout}${st.stderr}`);
-  for (const name of names("/run/fastloop/log", /\.log$/)) {
-    const text = Deno.readTextFileSync(`/run/fastloop/log/${name}`).trimEnd().split("\n");
-    console.log(`diagnostics: ${name} (last lines):\n  ${text.slice(-6).join("\n  ")}`);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -113,10 +113,10 @@ export function registryFiles(): string[] {
 
 /**
  * What a failed scenario leaves, printed before its cleanup erases it: `fastloop stat`, the last
- * lines of every server log and the kernel's recent messages. deno test shows a failure's message
- * only after the whole file ran, and CI keeps nothing else of the VM.
+ * lines of the `logs` newest server logs and the kernel's recent messages. deno test shows a
+ * failure's message only after the whole file ran, and CI keeps nothing else of the VM.
  */
-export async function printFailureDiagnostics(error: unknown): Promise<void> {
+export async function printFailureDiagnostics(error: unknown, logs = 4): Promise<void> {
   const lines = (text: string, n: number) => text.trimEnd().split("\n").slice(-n).join("\n  ");
   console.log(`failed: ${error instanceof Error ? error.message.slice(0, 2000) : error}`);
   const st = await fastloop(["stat"]);
@@ -129,7 +129,7 @@ export async function printFailureDiagnostics(error: unknown): Promise<void> {
       .filter((e) => e.isFile && e.name.endsWith(".log"))
       .map((e) => ({ name: e.name, mtime: Deno.statSync(`${logDir}/${e.name}`).mtime!.getTime() }))
       .sort((a, b) => b.mtime - a.mtime)
-      .slice(0, 4);
+      .slice(0, logs);
     for (const { name } of recent) {
       const text = Deno.readTextFileSync(`${logDir}/${name}`);
       console.log(`diagnostics: ${logDir}/${name} (last lines):\n  ${lines(text, 25)}`);
