@@ -218,6 +218,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     mode: Mode.fast,
     maxExtents: 1 << 20,
     eventFd: -1,
+    poisonByte: -1,
     sab: createSharedState(1),
   };
   const fixedWas = Deno.env.get("FASTLOOP_FIXED_BUFFERS");

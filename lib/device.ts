@@ -67,6 +67,8 @@ export interface DeviceOptions {
   recoverDeviceId?: number;
   /** Extents cached per queue (default 1 Mi). */
   maxExtents?: number;
+  /** Fault injection (tests): a request covering this byte kills the server; -1 or absent: off. */
+  poisonByte?: number;
 }
 
 export interface DeviceCounters {
@@ -509,6 +511,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       readOnly: opts.readOnly,
       mode: modeOf(opts.mode),
       maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
+      poisonByte: opts.poisonByte ?? -1,
       sab,
     }, (m) => failure!(m));
     queues = started.queues;

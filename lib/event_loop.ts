@@ -410,6 +410,11 @@ export interface QueueConfig {
   maxExtents: number;
   /** The doorbell the main thread writes to after posting to the mailbox. */
   eventFd: number;
+  /**
+   * Fault injection for tests, -1 when off: a request covering this byte kills the server
+   * (SIGKILL), as a request that kills every server serving it would (see lib/supervisor.ts).
+   */
+  poisonByte: number;
   sab: SharedArrayBuffer;
 }
 
@@ -583,6 +588,8 @@ export class QueueEngine {
     this.#viaFile[tag] = 0;
     this.#segCount[tag] = 0;
     const end = this.#offset[tag]! + this.#length[tag]!;
+    const poison = this.#cfg.poisonByte;
+    if (poison >= 0 && this.#offset[tag]! <= poison && poison < end) Deno.kill(Deno.pid, "SIGKILL");
     switch (op) {
       case UBLK_IO_OP_READ:
       case UBLK_IO_OP_WRITE:

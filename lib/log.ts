@@ -105,3 +105,18 @@ export function logTargets(file: string): {
     ? { file, syslog: syslogPath(), ...(syslogDropped ? { syslogDropped } : {}) }
     : { file, syslog: null, syslogNote: syslogProblem };
 }
+
+/**
+ * One line in the kernel log (`dmesg`), where whoever finds a device's IO hanging looks first:
+ * for the few events that explain a wait (a crash loop, its end). Best effort, root only.
+ */
+export function kernelLog(message: string): void {
+  try {
+    // <4>: KERN_WARNING. One write is one record.
+    Deno.writeTextFileSync("/dev/kmsg", `<4>fastloop: ${message.replaceAll("\n", " ")}\n`, {
+      append: true,
+    });
+  } catch {
+    // No /dev/kmsg (a container) or not root: the log file and syslog have the line.
+  }
+}

@@ -32,6 +32,11 @@ export function socketPath(id: number): string {
   return `${runDir()}/ublkb${id}.sock`;
 }
 
+/** Where the supervisor publishes `SupervisorStatus` (one writer: the supervisor). */
+export function supervisorStatusPath(id: number): string {
+  return `${runDir()}/ublkb${id}.supervisor.json`;
+}
+
 /** What a server writes once its device is live. Every field is plain JSON. */
 export interface DeviceRecord {
   version: 1;
@@ -48,8 +53,6 @@ export interface DeviceRecord {
   server: ProcessRef;
   /** The process that restarts the server when it dies (absent for an unsupervised server). */
   supervisor?: ProcessRef;
-  /** Set by the supervisor when it gave up (crash loop): the device is gone, IO failed. */
-  failure?: { at: string; reason: string };
   startedAt: string;
   logPath: string;
   socketPath: string;
@@ -59,6 +62,28 @@ export interface DeviceRecord {
     depth: number;
     recoverable: boolean;
   };
+}
+
+/**
+ * What a device's supervisor says of its servers (`lib/supervisor.ts`): `stat` shows it, above
+ * all while no server serves the device and its IO waits.
+ */
+export interface SupervisorStatus {
+  version: 1;
+  pid: number;
+  /** serving: a server has served for a while; starting: one is starting; waiting: none is. */
+  state: "serving" | "starting" | "waiting";
+  /** Server deaths since attach. */
+  deaths: number;
+  /** Servers in a row that died before they were ready or soon after. */
+  quickDeaths: number;
+  /** Enough quick deaths in a row that the supervisor calls it a crash loop. */
+  crashLoop: boolean;
+  lastDeath?: { at: string; how: string; cause: string };
+  /** When the device's IO began to wait for a server (absent while it is served). */
+  waitingSince?: string;
+  /** When the next server starts (while waiting). */
+  nextTryAt?: string;
 }
 
 /** A process named by pid and start time. */
@@ -128,16 +153,36 @@ export function pruneLogs(keep = KEPT_OLD_LOGS): number {
 
 /** Writes `record` atomically (tmp + rename), mode 0600. */
 export function writeRecord(record: DeviceRecord): void {
+  writeJsonAtomically(recordPath(record.id), record);
+}
+
+export function writeSupervisorStatus(id: number, status: SupervisorStatus): void {
+  writeJsonAtomically(supervisorStatusPath(id), status);
+}
+
+/** The supervisor's status of device `id`, or null when it has published none. */
+export function readSupervisorStatus(id: number): SupervisorStatus | null {
+  try {
+    const s = JSON.parse(Deno.readTextFileSync(supervisorStatusPath(id))) as SupervisorStatus;
+    return s.version === 1 && typeof s.deaths === "number" ? s : null;
+  } catch {
+    return null;
+  }
+}
+
+function writeJsonAtomically(path: string, value: unknown): void {
   ensureRunDir();
-  const path = recordPath(record.id);
   const tmp = `${path}.tmp-${Deno.pid}`;
-  Deno.writeTextFileSync(tmp, JSON.stringify(record, null, 2) + "\n", { mode: 0o600 });
+  Deno.writeTextFileSync(tmp, JSON.stringify(value, null, 2) + "\n", { mode: 0o600 });
   Deno.renameSync(tmp, path);
 }
 
-/** Removes a device's record and socket; missing files are fine (cleanup is idempotent). */
+/**
+ * Removes a device's record, socket and supervisor status; missing files are fine (cleanup is
+ * idempotent).
+ */
 export function removeRecord(id: number): void {
-  for (const path of [recordPath(id), socketPath(id)]) {
+  for (const path of [recordPath(id), socketPath(id), supervisorStatusPath(id)]) {
     try {
       Deno.removeSync(path);
     } catch (e) {

@@ -1,9 +1,7 @@
-//! The two background processes of a device. The server (`fastloop __server`): its main thread
-//! owns the file (opened once, carrying the lease), the lease policy, the device created by
-//! `lib/device.ts`, the registry record and the control socket; the queues run in Workers owned
-//! by the device, so this thread never touches an IO. The supervisor (`__server --supervise`,
-//! the process `attach` leaves behind; `runSupervisor` at the end of this file) runs the server
-//! and restarts it through ublk user recovery when it dies.
+//! The server of a device (`fastloop __server`): its main thread owns the file (opened once,
+//! carrying the lease), the lease policy, the device created by `lib/device.ts`, the registry
+//! record and the control socket; the queues run in Workers owned by the device, so this thread
+//! never touches an IO. Its supervisor (`lib/supervisor.ts`) restarts it when it dies.
 //!
 //! Start-up is all-or-nothing: every step pushes its undo on a stack, and a failure unwinds it
 //! before the one readiness line (`{"ok":false,…}`) goes out, so a failed attach leaves no device,
@@ -32,38 +30,31 @@ import {
 } from "../ffi/fcntl.ts";
 import {
   close,
-  errno,
   fadvise,
   fdatasync,
   fstat,
   libc,
-  O_APPEND,
-  O_CREAT,
   O_DIRECT,
   O_RDONLY,
   O_RDWR,
-  O_WRONLY,
   open,
   POSIX_FADV_DONTNEED,
 } from "../ffi/libc.ts";
+import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
 import {
-  cleanupDeadDevice,
-  deleteDevice,
   type DeviceRecord,
   FileClaim,
   findByFile,
   processStartTicks,
   quotePath,
-  readRecord,
   removeRecord,
   socketPath,
   writeRecord,
 } from "./registry.ts";
-import { selfCommand } from "./self_exec.ts";
 import { fileInUseError } from "./validate.ts";
 
 export interface ServerOptions {
@@ -100,30 +91,6 @@ const LEASE_RETRY_FIRST_MS = 1000;
 const LEASE_RETRY_MAX_MS = 8000;
 
 export { log } from "./log.ts";
-
-/** Points fd 2 at the log file; returns the log fd (kept for fd 1 after readiness). */
-function openLog(path: string): number {
-  const fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600);
-  dup2(fd, 2);
-  return fd;
-}
-
-/** dup2(2): makes `newFd` refer to what `oldFd` refers to (closing what it referred to). */
-function dup2(oldFd: number, newFd: number): void {
-  if (libc.dup2(oldFd, newFd) < 0) {
-    throw new SyscallError("dup2", errno(), `fd ${oldFd} -> ${newFd}`);
-  }
-}
-
-function writeReadiness(reply: Record<string, unknown>, logFd: number): void {
-  try {
-    Deno.stdout.writeSync(encoder.encode(JSON.stringify(reply) + "\n"));
-  } catch {
-    // `attach` gave up waiting (timeout or killed): it cleans up after us if needed.
-  }
-  // From now on stdout is the log too: this closes the readiness pipe, so `attach` sees EOF.
-  dup2(logFd, 1);
-}
 
 /** Resident memory of this process in bytes (VmRSS in /proc/self/status). */
 export function residentBytes(): number {
@@ -350,6 +317,7 @@ class Server {
       mode: startMode,
       recoverable: o.recoverable,
       recoverDeviceId: o.recoverDeviceId,
+      poisonByte: poisonByte(),
     });
     this.#device = device;
     setLogContext(`ublkb${device.id}`);
@@ -639,6 +607,26 @@ function syncAndDropPageCache(fd: number, path: string): void {
   fadvise(fd, 0, 0, POSIX_FADV_DONTNEED, path);
 }
 
+/**
+ * Fault injection for the supervisor's tests: FASTLOOP_FAULT_POISON_FILE names a file holding a
+ * byte offset, read at each server's start; a request covering that byte kills the server, so
+ * every server dies on the same waiting request until the file is removed. -1: off.
+ */
+function poisonByte(): number {
+  const path = Deno.env.get("FASTLOOP_FAULT_POISON_FILE");
+  if (!path) return -1;
+  try {
+    const byte = Number(Deno.readTextFileSync(path).trim());
+    if (Number.isSafeInteger(byte) && byte >= 0) {
+      log(`fault injection: a request covering byte ${byte} kills this server`);
+      return byte;
+    }
+  } catch {
+    // No poison file (any more): a healthy server.
+  }
+  return -1;
+}
+
 function safe<T>(f: () => T): T | undefined {
   try {
     return f();
@@ -656,195 +644,4 @@ export async function runServer(opts: ServerOptions): Promise<number> {
   });
   await server.start();
   return await server.done;
-}
-
-// --- supervisor -------------------------------------------------------------------------------
-
-/**
- * Crash-loop bound: this many server deaths within the window and the supervisor gives up.
- * `FASTLOOP_CRASH_LIMIT` lowers it (tests provoke the give-up path without killing five times).
- */
-const CRASH_LIMIT = positiveEnv("FASTLOOP_CRASH_LIMIT") ?? 5;
-const CRASH_WINDOW_MS = 60_000;
-/**
- * A server that served at least this long before it died is restarted at once; one that died
- * sooner (or before it was ready) waits first, doubling per recent death, so a crash loop does
- * not spin. Measured with the pause after every death: over 20 kills a few seconds apart the
- * recovery time rose from 2.9 s to 6.4 s as the pause reached its 2 s cap.
- */
-export const SERVED_LONG_ENOUGH_MS = 1_000;
-
-function positiveEnv(name: string): number | undefined {
-  const n = Number(Deno.env.get(name));
-  return Number.isInteger(n) && n > 0 ? n : undefined;
-}
-/** A recovering server must report within this (it waits for the dead one's rings to go). */
-const RESTART_READY_TIMEOUT_MS = 120_000;
-
-export interface SupervisorOptions {
-  logPath: string;
-  /** `__server FILE ...` arguments for each server it starts. */
-  serverArgs: string[];
-  recoverable: boolean;
-  /** `fastloop recover`: the first server takes over this device (its supervisor is gone). */
-  recoverDeviceId?: number;
-}
-
-/**
- * The process `attach` leaves behind: it runs the server as its child and, when the server dies
- * (kill -9, OOM, a bug), starts a new one that takes the device over through ublk user recovery,
- * so IO waits instead of failing. It holds no file, lease or device itself and does no IO — it
- * cannot hang the device; its whole job is this loop. A server exiting 0 (detached) ends it;
- * SIGTERM/SIGINT/SIGHUP are passed to the server (detach). After `CRASH_LIMIT` deaths within
- * `CRASH_WINDOW_MS` it deletes the device (IO fails cleanly) and marks the record failed.
- */
-export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
-  const logFd = openLog(opts.logPath);
-  libc.setsid();
-  const say = (m: string) => log(`supervisor: ${m}`);
-  let child: Deno.ChildProcess | null = null;
-  let stopping: string | null = null;
-  for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
-    Deno.addSignalListener(signal, () => {
-      stopping ??= signal;
-      say(`${signal}: passing it to the server`);
-      try {
-        child?.kill("SIGTERM");
-      } catch {
-        // Between two servers: the loop sees `stopping`.
-      }
-    });
-  }
-  let deviceId: number | null = opts.recoverDeviceId ?? null;
-  if (deviceId !== null) say(`taking over ublkb${deviceId}, whose supervisor is gone`);
-  let reported = false;
-  const deaths: number[] = [];
-  let diedAt = 0;
-  let readyAt = 0;
-  for (;;) {
-    const args = [...opts.serverArgs, "--supervised"];
-    if (deviceId !== null) args.push("--recover", String(deviceId));
-    const [program, ...rest] = selfCommand(args);
-    child = new Deno.Command(program!, {
-      args: rest,
-      stdin: "null",
-      stdout: "piped",
-      stderr: "inherit", // our stderr is the log already
-    }).spawn();
-    say(
-      `server started (pid ${child.pid}${
-        deviceId !== null ? `, recovering ublkb${deviceId}` : ""
-      })`,
-    );
-    const line = await readFirstLine(child.stdout, reported ? RESTART_READY_TIMEOUT_MS : 0);
-    let reply: Record<string, unknown> | null = null;
-    try {
-      reply = line === null ? null : JSON.parse(line);
-    } catch {
-      reply = null;
-    }
-    if (!reported) {
-      // The first answer is attach's: pass it on, whatever it is, then stdout joins the log.
-      reported = true;
-      writeReadiness(
-        reply ?? { ok: false, error: "The server exited before reporting", exitCode: 1 },
-        logFd,
-      );
-      if (reply?.["ok"] !== true) {
-        const status = await child.status;
-        return status.success ? ExitCode.failure : (status.code || ExitCode.failure);
-      }
-    }
-    readyAt = 0;
-    if (reply?.["ok"] === true && typeof reply["id"] === "number") {
-      readyAt = Date.now();
-      deviceId = reply["id"];
-      setLogContext(`ublkb${deviceId}`);
-      if (diedAt > 0) say(`ublkb${deviceId} recovered in ${Date.now() - diedAt} ms`);
-    } else if (line === null && !stopping) {
-      say("the new server did not report in time; stopping it");
-      try {
-        child.kill("SIGKILL");
-      } catch {
-        // Already gone.
-      }
-    }
-    const status = await child.status;
-    child = null;
-    if (status.success) {
-      say("server exited after detaching; done");
-      return ExitCode.ok;
-    }
-    const how = status.signal ? `signal ${status.signal}` : `exit status ${status.code}`;
-    diedAt = Date.now();
-    say(`server died (${how})`);
-    const record = deviceId === null ? null : readRecord(deviceId);
-    if (stopping || !opts.recoverable || record === null) {
-      const why = stopping
-        ? `${stopping} during recovery`
-        : !opts.recoverable
-        ? "the device is not recoverable (--no-recover)"
-        : "no device to recover";
-      say(`not restarting: ${why}; removing the device`);
-      if (record) await cleanupDeadDevice(record).catch((e) => say(`cleanup failed: ${e}`));
-      return stopping ? ExitCode.ok : ExitCode.failure;
-    }
-    deaths.push(diedAt);
-    while (deaths.length > 0 && deaths[0]! < diedAt - CRASH_WINDOW_MS) deaths.shift();
-    if (deaths.length >= CRASH_LIMIT) {
-      const reason = `server died ${deaths.length} times within ${CRASH_WINDOW_MS / 1000} s ` +
-        `(last: ${how}); gave up, device deleted; see ${opts.logPath}`;
-      say(reason);
-      const { UblkControl } = await import("./ublk_control.ts");
-      try {
-        const ctrl = UblkControl.open();
-        try {
-          await deleteDevice(ctrl, record);
-        } finally {
-          ctrl.close();
-        }
-      } catch (e) {
-        say(`deleting the device failed: ${e instanceof Error ? e.message : String(e)}`);
-      }
-      // The record stays, marked: `stat` shows why, `detach` removes it.
-      writeRecord({ ...record, failure: { at: new Date().toISOString(), reason } });
-      return ExitCode.failure;
-    }
-    // A short pause so a server that dies at once does not spin; doubling per recent death.
-    if (readyAt === 0 || diedAt - readyAt < SERVED_LONG_ENOUGH_MS) {
-      await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** (deaths.length - 1), 2000)));
-    }
-    if (stopping) {
-      // Signalled between two servers: there is no server to pass it to, so detach here.
-      say(`${stopping} between servers: not restarting; removing the device`);
-      await cleanupDeadDevice(record).catch((e) => say(`cleanup failed: ${e}`));
-      return ExitCode.ok;
-    }
-  }
-}
-
-/** The first line of a child's stdout, or null at EOF or after `timeoutMs` (0: no timeout). */
-async function readFirstLine(
-  stream: ReadableStream<Uint8Array>,
-  timeoutMs: number,
-): Promise<string | null> {
-  const reader = stream.getReader();
-  const decoder = new TextDecoder();
-  let text = "";
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<"timeout">((r) => {
-    if (timeoutMs > 0) timer = setTimeout(() => r("timeout"), timeoutMs);
-  });
-  try {
-    for (;;) {
-      const next = await Promise.race([reader.read(), timeout]);
-      if (next === "timeout" || next.done) return null;
-      text += decoder.decode(next.value, { stream: true });
-      const nl = text.indexOf("\n");
-      if (nl >= 0) return text.slice(0, nl);
-    }
-  } finally {
-    clearTimeout(timer);
-    await reader.cancel().catch(() => {});
-  }
 }

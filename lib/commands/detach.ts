@@ -34,7 +34,8 @@ DEV is /dev/ublkbN, ublkbN or N; FILE is the attached file (any path to it).
 
 Options:
   --all        detach every fastloop device
-  --force      detach even if the device is mounted or open (its users get IO errors)
+  --force      detach even if the device is mounted or open (its users get IO errors); also
+               the way to delete a device whose servers keep dying (its waiting IO fails)
   -h, --help   show this help
 
 Exit codes: 0 detached, 2 usage, 4 device mounted or in use, 6 not root, 7 not attached,

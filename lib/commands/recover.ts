@@ -124,12 +124,6 @@ export const command: Command = {
 async function checkRecoverable(entry: RegistryEntry): Promise<void> {
   const r = entry.record;
   const dev = r.blockPath;
-  if (r.failure) {
-    throw new UserError(
-      `${dev} cannot be recovered: ${r.failure.reason}; run 'fastloop detach ${dev}' to clear`,
-      ExitCode.badInput,
-    );
-  }
   if (entry.alive) {
     throw new UserError(
       `${dev} is healthy: its server (pid ${r.server.pid}) is running; nothing to recover`,

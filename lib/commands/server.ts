@@ -4,7 +4,8 @@
 
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { UsageError } from "../errors.ts";
-import { runServer, runSupervisor } from "../server.ts";
+import { runServer } from "../server.ts";
+import { runSupervisor } from "../supervisor.ts";
 import {
   DEPTH_DEFAULT,
   DEPTH_MAX,

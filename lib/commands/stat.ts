@@ -8,8 +8,10 @@ import {
   controlRequest,
   listRecords,
   quotePath,
+  readSupervisorStatus,
   type RegistryEntry,
   resolve,
+  type SupervisorStatus,
 } from "../registry.ts";
 import { requireRoot } from "../validate.ts";
 
@@ -24,6 +26,9 @@ live counters split by path, extent cache, FIEMAP calls, in-flight IO, server me
 IO errors the device returned (by kind: EIO, ENOSPC, other; the last one is printed under the
 table with its operation, offset and path); then where each device's server logs (its file under
 /run/fastloop/log, and syslog when /dev/log exists).
+A device whose server died shows its server as recovering (or crash-loop, when servers keep
+dying before they serve) and a line under the table: how often and how its servers died, since
+when its IO waits, and when the next server starts; IO waits meanwhile, nothing fails.
 Prints nothing (JSON: []) when no device is attached.
 
 Options:
@@ -48,6 +53,8 @@ export const command: Command = {
     } else if (rows.length > 0) {
       console.log(table(rows));
       for (const row of rows) {
+        const name = String(row["device"] ?? "-").replace(/^\/dev\//, "");
+        if (typeof row["note"] === "string") console.log(`${name}: ${row["note"]}`);
         const last = lastErrorLine(row);
         if (last) console.log(last);
       }
@@ -72,28 +79,24 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
     startedAt: r.startedAt,
     log: r.logPath,
   };
-  if (r.failure) {
-    return {
-      ...base,
-      mode: "-",
-      lease: "none",
-      server: { pid: r.server.pid, state: "failed" },
-      note: `${r.failure.reason} (at ${r.failure.at}); run 'fastloop detach' to clear`,
-    };
-  }
+  const supervision = readSupervisorStatus(r.id);
   if (!entry.alive) {
     const recovering = entry.supervisorAlive;
     return {
       ...base,
       mode: "-",
       lease: "none",
-      server: { pid: r.server.pid, state: recovering ? "recovering" : "dead" },
-      supervisor: r.supervisor,
+      server: {
+        pid: r.server.pid,
+        state: !recovering ? "dead" : supervision?.crashLoop ? "crash-loop" : "recovering",
+      },
+      supervisor: recovering ? { ...r.supervisor, ...supervision } : r.supervisor,
       note: recovering
-        ? "server died; its supervisor is starting a new one (IO waits meanwhile)"
+        ? recoveryNote(r.blockPath, supervision)
         : "server is dead: run 'fastloop detach' to clean up",
     };
   }
+  if (supervision) base["supervisor"] = { ...r.supervisor, ...supervision };
   try {
     const reply = await controlRequest(r.socketPath, { cmd: "stat" }, STAT_TIMEOUT_MS);
     if (reply.ok && typeof reply["stat"] === "object" && reply["stat"] !== null) {
@@ -107,6 +110,30 @@ export async function statOf(entry: RegistryEntry): Promise<Row> {
       note: `control socket: ${(e as Error).message}`,
     };
   }
+}
+
+/**
+ * What a device whose IO waits for a server is doing, in one line: how its servers died, and
+ * when the next one starts.
+ */
+export function recoveryNote(
+  device: string,
+  s: SupervisorStatus | null,
+  nowMs = Date.now(),
+): string {
+  if (!s || s.deaths === 0) return "server died; its supervisor is starting a new one (IO waits)";
+  const since = s.waitingSince ? ` since ${s.waitingSince}` : "";
+  const last = s.lastDeath ? `; last: ${s.lastDeath.how}, ${s.lastDeath.cause}` : "";
+  const loop = s.crashLoop
+    ? `crash loop, ${s.quickDeaths} servers in a row died before serving`
+    : "";
+  const next = s.state === "waiting" && s.nextTryAt
+    ? `next server in ${
+      Math.max(0, (Date.parse(s.nextTryAt) - nowMs) / 1000).toFixed(0)
+    } s (at ${s.nextTryAt})`
+    : "a new server is starting";
+  return `server died ${s.deaths} time(s)${last}${loop ? `; ${loop}` : ""}; IO waits${since}; ` +
+    `${next}; 'fastloop detach --force ${device}' deletes the device and fails its IO`;
 }
 
 /** Where each device's server logs: the file, and syslog when it reaches one. */

@@ -79,6 +79,7 @@ class Harness {
       mode: mode as QueueConfig["mode"],
       maxExtents: 1024,
       eventFd: -1,
+      poisonByte: -1,
       sab: createSharedState(1),
     };
     this.engine = new QueueEngine(cfg, this.ring, this.desc, {

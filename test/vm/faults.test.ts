@@ -8,16 +8,21 @@
 // sha256 of sentinel files read through the host filesystem, e2fsck, /sys/block/*/stat, /proc.
 
 import assert from "node:assert/strict";
-import { SERVED_LONG_ENOUGH_MS } from "../../lib/server.ts";
+import { SERVED_LONG_ENOUGH_MS } from "../../lib/supervisor.ts";
 import {
   attach,
+  completedIos,
   detach,
   fastloop,
   ok,
+  recordOf,
   run,
+  running,
   SCRATCH_DISK,
   serverProcesses,
+  sleep,
   ublkDevices,
+  waitFor,
   withHostFs as withSharedHostFs,
 } from "./support.ts";
 
@@ -61,26 +66,6 @@ async function statOf(dev: string): Promise<StatRow> {
 
 function dropCaches(): void {
   Deno.writeTextFileSync("/proc/sys/vm/drop_caches", "3");
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-function recordOf(dev: string): { server: { pid: number }; supervisor?: { pid: number } } {
-  return JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
-}
-
-function running(pid: number): boolean {
-  try {
-    return !Deno.readTextFileSync(`/proc/${pid}/stat`).includes(") Z ");
-  } catch {
-    return false;
-  }
-}
-
-/** Completed reads + writes of a block device, from the kernel's own accounting. */
-function completedIos(dev: string): number {
-  const f = Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/stat`).trim().split(/\s+/);
-  return Number(f[0]) + Number(f[4]);
 }
 
 function assertNothingLeft(): void {
@@ -132,15 +117,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-/** Waits until `cond` holds, polling; fails with `what` after `timeoutMs`. */
-async function waitFor(what: string, cond: () => boolean, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    assert.ok(Date.now() < deadline, `${what}: not within ${timeoutMs / 1000} s`);
-    await sleep(20);
-  }
-}
-
 const KILLS = Number(Deno.env.get("FASTLOOP_FAULT_KILLS") ?? "20");
 
 Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes on ext4 on the device: each time it comes back, fio verifies, e2fsck is clean`, async () => {
@@ -148,8 +124,8 @@ Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes
     const sums = await writeSentinels(mnt);
     const file = `${mnt}/kills.img`;
     await ok("truncate", ["-s", "256M", file]);
-    // These kills are on purpose: lift the crash-loop bound (5 in 60 s), tested in cli.test.ts.
-    const dev = await attach(file, [], { env: { FASTLOOP_CRASH_LIMIT: "1000" } });
+    // The default supervisor: it never gives a device up (test/vm/crash_loop.test.ts).
+    const dev = await attach(file);
     const supervisor = recordOf(dev).supervisor?.pid;
     assert.ok(supervisor && running(supervisor), "attach left a supervisor behind");
     await ok("mkfs.ext4", ["-F", "-q", dev]);
@@ -234,7 +210,7 @@ Deno.test(`kill -9 of the server ${KILLS} times in a row under fio verify writes
     } finally {
       if (mounted) await run("umount", [inner]);
     }
-    const logPath = (recordOf(dev) as { logPath?: string }).logPath ?? "";
+    const logPath = recordOf(dev).logPath;
     await detach(dev);
     assert.ok(!running(supervisor), "the supervisor exits with the device");
     await checkSentinels(sums);

@@ -73,6 +73,43 @@ export async function detach(ref: string, opts: RunOptions = {}): Promise<void> 
   assert.equal(r.code, 0, `detach ${ref}: ${r.stderr}`);
 }
 
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Waits until `cond` holds, polling; fails with `what` after `timeoutMs`. */
+export async function waitFor(
+  what: string,
+  cond: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    assert.ok(Date.now() < deadline, `${what}: not within ${timeoutMs / 1000} s`);
+    await sleep(20);
+  }
+}
+
+/** The registry record of a device (what its server wrote). */
+export function recordOf(
+  dev: string,
+): { server: { pid: number }; supervisor?: { pid: number }; logPath: string } {
+  return JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
+}
+
+/** Is `pid` running (not gone, not a zombie)? */
+export function running(pid: number): boolean {
+  try {
+    return !Deno.readTextFileSync(`/proc/${pid}/stat`).includes(") Z ");
+  } catch {
+    return false;
+  }
+}
+
+/** Completed reads + writes of a block device, from the kernel's own accounting. */
+export function completedIos(dev: string): number {
+  const f = Deno.readTextFileSync(`/sys/block/${dev.slice(5)}/stat`).trim().split(/\s+/);
+  return Number(f[0]) + Number(f[4]);
+}
+
 /** ublk devices the kernel has, from /sys (independent of the registry). */
 export function ublkDevices(): string[] {
   try {
