@@ -8,7 +8,7 @@
 //!    contiguous run of the file (what reading the file's blocks can cost at best);
 //!  - file:   fio on the file through ext4, O_DIRECT (the path the kernel's loop --direct-io takes);
 //!  - engine: `QueueEngine` on the queue's own ring (`setupQueueRing`), fed synthetic requests;
-//!  - engine-fixed: the same with its buffers registered (FASTLOOP_FIXED_BUFFERS=1).
+//!  - engine-fixed: the same with its buffers registered (QueueConfig.fixedBuffers).
 //! Cells run interleaved (every contender once per round) so load changes hit all of them.
 //!
 //! The seam: the engine knows nothing of ublk. It reads a request from a descriptor area (here an
@@ -42,14 +42,9 @@ import {
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
 } from "../ffi/ublk_cmd.ts";
-import {
-  Counter,
-  createSharedState,
-  Mode,
-  type QueueConfig,
-  QueueEngine,
-  setupQueueRing,
-} from "../lib/event_loop.ts";
+import { QueueEngine, setupQueueRing } from "../lib/event_loop.ts";
+import { Counter, createSharedState, type QueueConfig } from "../lib/queue_state.ts";
+import type { CopyBuffers } from "../lib/request_data.ts";
 import { longestPhysicalRun } from "./filefrag.ts";
 
 const { values: opts } = parseArgs({
@@ -215,23 +210,23 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     fileSizeBytes: fileBytes,
     logicalBlockSize: t.logicalBlockSize,
     readOnly: false,
-    mode: Mode.fast,
+    mode: "fast",
     maxExtents: 1 << 20,
     eventFd: -1,
     poisonByte: -1,
+    fixedBuffers,
+    ringMode: "defer",
+    pollUs: 0,
     sab: createSharedState(1),
   };
-  const fixedWas = Deno.env.get("FASTLOOP_FIXED_BUFFERS");
-  Deno.env.set("FASTLOOP_FIXED_BUFFERS", fixedBuffers ? "1" : "0");
+
   const engine = new QueueEngine(cfg, ring, desc, {
     complete(tag, result) {
       if (result !== requestBytes && !failure) failure = `tag ${tag}: result ${result}`;
       finished[nFinished++] = tag;
     },
   });
-  if (fixedWas === undefined) Deno.env.delete("FASTLOOP_FIXED_BUFFERS");
-  else Deno.env.set("FASTLOOP_FIXED_BUFFERS", fixedWas);
-  if (engine.fixedBuffers !== fixedBuffers) {
+  if ((engine.data as CopyBuffers).fixed !== fixedBuffers) {
     throw new Error(`engine: fixed buffers ${fixedBuffers ? "not registered" : "registered"}`);
   }
   const onCqe = (userData: number, res: number) => engine.onBackendCqe(userData, res);
@@ -256,7 +251,6 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
   const latencies = new Float64Array(4 << 20);
   let nLat = 0;
   let requests = 0;
-  let turns = 0;
   let outstanding = depth;
   try {
     const cpu0 = processCpuUs();
@@ -271,9 +265,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
       else ring.submit();
       const t1 = performance.now();
       ring.reapCqes(onCqe);
-      engine.applyInvalidations();
-      engine.runDeferred();
-      if ((++turns & 63) === 0) engine.publishStats();
+      engine.afterTurn();
       if (failure) throw new Error(`engine (${cell.name}): request failed: ${failure}`);
       // The finished requests, replaced by new ones. A request's latency counts from the turn
       // that posted it, so the engine's JS work for it is inside.
@@ -291,7 +283,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     const cpu1 = processCpuUs();
     const ctx = threadContextSwitches() - ctx0;
     // The file is fully written: every byte of every request must have gone to the device.
-    const c = engine.views.counters;
+    const c = engine.shared.counters;
     const moved = c[isWrite ? Counter.bytesWrittenDirect : Counter.bytesReadDirect]!;
     if (moved !== posted * requestBytes) {
       throw new Error(

@@ -3,8 +3,7 @@
 //! `/dev/NAME`), device size and sector sizes (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`), the
 //! filesystem type from the statfs magic, and `FS_IOC_FSGETXATTR` (XFS realtime files).
 
-import { ExitCode, UserError } from "../lib/errors.ts";
-import { EACCES, ENOENT, EPERM, SyscallError } from "./errno.ts";
+import { ENOENT, SyscallError } from "./errno.ts";
 import {
   close,
   devMajor,
@@ -150,7 +149,15 @@ export interface BackingDevice {
 }
 
 /**
- * The block device the filesystem of `fd` lives on. Throws `UserError` when there is none
+ * Why the filesystem's block device cannot be found or used: a fact for the caller to weigh (for
+ * fastloop, a reason the direct path is off), not an error of the program.
+ */
+export class BlockDeviceError extends Error {
+  override name = "BlockDeviceError";
+}
+
+/**
+ * The block device the filesystem of `fd` lives on. Throws `BlockDeviceError` when there is none
  * (tmpfs, overlayfs, NFS, FUSE, btrfs: their `st_dev` is an anonymous device number).
  */
 export function backingDeviceOf(fd: number, path: string): BackingDevice {
@@ -163,14 +170,16 @@ export function backingDeviceOf(fd: number, path: string): BackingDevice {
     uevent = Deno.readTextFileSync(`${sys}/uevent`);
   } catch {
     const fs = filesystemOf(fd, path).name;
-    throw new UserError(
+    throw new BlockDeviceError(
       `${fs} has no block device: ${path} is on device ${major}:${minor}, which is not in ` +
         `/sys/dev/block`,
     );
   }
   const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
   if (name === undefined) {
-    throw new UserError(`Cannot name the block device ${major}:${minor} of ${path}: no DEVNAME`);
+    throw new BlockDeviceError(
+      `Cannot name the block device ${major}:${minor} of ${path}: no DEVNAME`,
+    );
   }
   const devicePath = `/dev/${name}`;
   const devFd = openBlockDevice(devicePath, major, minor);
@@ -200,14 +209,13 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     fd = open(devicePath, O_RDONLY);
   } catch (e) {
     if (e instanceof SyscallError && e.errno === ENOENT) {
-      throw new UserError(`Block device ${devicePath} (${major}:${minor}) is missing from /dev`);
+      throw new BlockDeviceError(
+        `Block device ${devicePath} (${major}:${minor}) is missing from /dev`,
+      );
     }
     if (e instanceof SyscallError) {
       // EPERM/EACCES: not root, or a container that hides the host's disks.
-      throw new UserError(
-        `Cannot open the filesystem's block device: ${e.message}`,
-        e.errno === EPERM || e.errno === EACCES ? ExitCode.permission : ExitCode.badInput,
-      );
+      throw new BlockDeviceError(`Cannot open the filesystem's block device: ${e.message}`);
     }
     throw e;
   }
@@ -216,7 +224,7 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     (st.mode & S_IFMT) !== S_IFBLK || devMajor(st.rdev) !== major || devMinor(st.rdev) !== minor
   ) {
     close(fd);
-    throw new UserError(`${devicePath} is not block device ${major}:${minor}`);
+    throw new BlockDeviceError(`${devicePath} is not block device ${major}:${minor}`);
   }
   return fd;
 }

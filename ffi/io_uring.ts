@@ -3,7 +3,7 @@
 //! offsets the kernel returns, SQE preparation, submission, CQE reaping and registration.
 //!
 //! The model is liburing's `src/setup.c` and `src/queue.c`: the SQ array is mapped 1:1 onto the
-//! SQE slots once, `getSqe()` hands out slots between the kernel's head and our local tail, and
+//! SQE slots once, `sqe()` hands out slots between the kernel's head and our local tail, and
 //! `submit()` publishes the local tail with one release store. Reaping copies every ready CQE out,
 //! advances the CQ head once, and only then runs the callbacks (TigerBeetle's rule), so a callback
 //! may prepare and submit new SQEs without touching a ring that is still being drained.
@@ -17,16 +17,18 @@
 //! keeps stores in order and loads in order, so the atomics mainly pin the JIT's ordering.
 //!
 //! Not supported: SQPOLL (no NEED_WAKEUP handling). With IORING_SETUP_DEFER_TASKRUN the kernel
-//! posts completions only inside io_uring_enter with GETEVENTS, i.e. `submitAndWait(n > 0)`.
+//! posts completions only inside io_uring_enter with GETEVENTS: `submitAndWait(n > 0)` or
+//! `getEvents()`. Every enter goes through one private path (`#enter`).
 //!
 //! IO path rules: no allocation per IO. user_data is a JS number written as two u32 halves, no
 //! BigInt; keep hot-path values below 2^30 (V8's small-integer range): larger ones, up to
 //! 2^53-1, round-trip exactly but box one heap number per completion (measured: zero scavenges
 //! over 1.6 M NOPs with small values, ~17 B per CQE with values above 2^30). Buffers are native
-//! memory (`AlignedBuffer`) given to the kernel by address, never copied through JS. A negative CQE result is -errno for the caller to inspect (`errnoOfCqe`);
-//! only the io_uring syscalls themselves throw, as `SyscallError`.
+//! memory (`AlignedBuffer`) given to the kernel by address, never copied through JS. A negative
+//! CQE result is -errno for the caller to inspect (`errnoOfCqe`); only the io_uring syscalls
+//! themselves throw, as `SyscallError`.
 
-import { EBADF, EINTR, SyscallError } from "./errno.ts";
+import { EBADF, EBUSY, EINTR, SyscallError } from "./errno.ts";
 import {
   AlignedBuffer,
   close as closeFd,
@@ -46,9 +48,6 @@ export const SYS_io_uring_setup = 425;
 export const SYS_io_uring_enter = 426;
 export const SYS_io_uring_register = 427;
 const SYS_ENTER_BIG = BigInt(SYS_io_uring_enter);
-
-// ETIME (asm-generic/errno.h): a timed wait (IORING_ENTER_EXT_ARG) that timed out.
-const ETIME = 62;
 
 // ---- io_uring_setup(2) flags ----
 export const IORING_SETUP_IOPOLL = 1 << 0;
@@ -236,12 +235,6 @@ export const GETEVENTS_ARG_SIGMASK = 0; // __u64 sigmask
 export const GETEVENTS_ARG_SIGMASK_SZ = 8; // __u32 sigmask_sz
 export const GETEVENTS_ARG_TS = 16; // __u64 ts (pointer to struct __kernel_timespec)
 export const GETEVENTS_ARG_SIZE = 24; // sizeof(struct io_uring_getevents_arg)
-const GETEVENTS_ARG_SIZE_BIG = BigInt(GETEVENTS_ARG_SIZE);
-// struct __kernel_timespec { __s64 tv_sec; long long tv_nsec; }, placed after the arg.
-const SCRATCH_TS = 32;
-// The int that IORING_REGISTER_EVENTFD reads the eventfd from.
-const SCRATCH_EVENTFD = 64;
-
 // ---- struct io_uring_probe (16 bytes) + struct io_uring_probe_op ops[] (8 bytes each) ----
 export const PROBE_LAST_OP = 0; // __u8 last_op
 export const PROBE_OPS_LEN = 1; // __u8 ops_len
@@ -288,7 +281,7 @@ export class IoUring {
   /** Bytes per SQE (64 or 128) and per CQE (16 or 32). */
   readonly sqeSize: number;
   readonly cqeSize: number;
-  /** The SQE array (native memory). `getSqe()` returns byte offsets into it. */
+  /** The SQE array (native memory). `sqe()` returns byte offsets into it. */
   readonly sqeView: DataView;
   readonly sqeBytes: Uint8Array;
   /** io_uring_enter calls made so far: syscalls per IO for stats and benchmarks. */
@@ -322,13 +315,9 @@ export class IoUring {
   readonly #reapRes: Int32Array;
   readonly #reapFlags: Uint32Array;
   readonly #maps: Array<[Deno.PointerObject, number]>;
-  // One native page for syscall arguments that must not move: params, getevents arg, timespec.
+  // The native page io_uring_setup read its params from (kept for the ring's life, then freed).
   readonly #scratch: AlignedBuffer;
-  readonly #scratchView: DataView;
   #closed = false;
-  // submitAndWaitAsync calls blocked on a helper thread, and whether close() is waiting on them.
-  #asyncWaits = 0;
-  #releaseAfterWaits = false;
 
   private constructor(
     fd: number,
@@ -342,7 +331,6 @@ export class IoUring {
     this.fd = fd;
     this.#maps = maps;
     this.#scratch = scratch;
-    this.#scratchView = new DataView(scratch.bytes.buffer);
     this.sqEntries = params.getUint32(PARAMS_SQ_ENTRIES, true);
     this.cqEntries = params.getUint32(PARAMS_CQ_ENTRIES, true);
     this.setupFlags = params.getUint32(PARAMS_FLAGS, true);
@@ -448,11 +436,38 @@ export class IoUring {
   }
 
   /**
-   * Byte offset in `sqeView` of a zeroed free SQE, or -1 when the SQ is full (submit, then
-   * retry). The SQE reaches the kernel with the next submit call.
+   * `setup` with each of `flagChoices` in turn (IORING_SETUP_* beyond `opts.flags`), best first:
+   * the first set this kernel accepts wins; the last refusal is thrown.
    */
-  getSqe(): number {
-    if (this.#closed) this.#throwClosed("getSqe");
+  static setupFirst(entries: number, opts: IoUringOptions, flagChoices: number[]): IoUring {
+    for (let i = 0;; i++) {
+      try {
+        return IoUring.setup(entries, { ...opts, flags: (opts.flags ?? 0) | flagChoices[i]! });
+      } catch (e) {
+        if (i >= flagChoices.length - 1) throw e;
+      }
+    }
+  }
+
+  /**
+   * Byte offset in `sqeView` of a zeroed free SQE. When the SQ is full, what is prepared goes to
+   * the kernel first to make room (the one place that happens). The SQE reaches the kernel with
+   * the next submit call.
+   */
+  sqe(): number {
+    let sqe = this.#nextSqe();
+    if (sqe < 0) {
+      this.submit();
+      sqe = this.#nextSqe();
+      // The kernel consumes every SQE it is handed (or fails the enter): only a bug lands here.
+      if (sqe < 0) throw new SyscallError("io_uring_enter", EBUSY, `ring fd ${this.fd}: SQ full`);
+    }
+    return sqe;
+  }
+
+  /** A zeroed free SQE, or -1 when the SQ is full. */
+  #nextSqe(): number {
+    if (this.#closed) this.#throwClosed("io_uring_get_sqe");
     // Without SQPOLL the kernel moves the SQ head only inside our own io_uring_enter; the
     // atomic load is for the SQPOLL case, where a kernel thread consumes concurrently.
     const head = Atomics.load(this.#sqRing, this.#sqHead);
@@ -466,18 +481,6 @@ export class IoUring {
     return sqe;
   }
 
-  /** Free SQE slots (what `getSqe` can still hand out before a submit). */
-  sqSpaceLeft(): number {
-    if (this.#closed) this.#throwClosed("sqSpaceLeft");
-    return this.sqEntries - ((this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0);
-  }
-
-  /** SQEs prepared or published but not yet consumed by the kernel. */
-  sqPending(): number {
-    if (this.#closed) this.#throwClosed("sqPending");
-    return (this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0;
-  }
-
   /** CQEs ready to reap. */
   cqReady(): number {
     if (this.#closed) this.#throwClosed("cqReady");
@@ -485,24 +488,11 @@ export class IoUring {
   }
 
   /** The kernel's sq_ring->flags (IORING_SQ_*). */
-  sqFlags(): number {
-    if (this.#closed) this.#throwClosed("sqFlags");
+  #sqFlagsNow(): number {
     return Atomics.load(this.#sqRing, this.#sqFlags);
   }
 
-  /** CQEs the kernel could not post (kernels without IORING_FEAT_NODROP only). */
-  cqOverflow(): number {
-    if (this.#closed) this.#throwClosed("cqOverflow");
-    return Atomics.load(this.#cqRing, this.#cqOverflow);
-  }
-
-  /** SQEs the kernel dropped as invalid (e.g. an index out of range). */
-  sqDropped(): number {
-    if (this.#closed) this.#throwClosed("sqDropped");
-    return Atomics.load(this.#sqRing, this.#sqDropped);
-  }
-
-  // ---- SQE preparation. `sqe` is a byte offset from getSqe(); the slot is already zeroed. ----
+  // ---- SQE preparation. `sqe` is a byte offset from sqe(); the slot is already zeroed. ----
 
   #setU64(at: number, value: number): void {
     const v = this.sqeView;
@@ -640,23 +630,6 @@ export class IoUring {
     return sqe + SQE_CMD;
   }
 
-  /** Completes once `fd` has any of `pollMask` (POLLIN…); `multishot` keeps it armed. */
-  prepPollAdd(
-    sqe: number,
-    fd: number,
-    pollMask: number,
-    userData: number,
-    multishot = false,
-  ): void {
-    const v = this.sqeView;
-    v.setUint8(sqe + SQE_OPCODE, IORING_OP_POLL_ADD);
-    v.setInt32(sqe + SQE_FD, fd, true);
-    // poll32_events: a plain little-endian u32 on x86-64 (the header word-swaps it on BE only).
-    v.setUint32(sqe + SQE_OP_FLAGS, pollMask >>> 0, true);
-    if (multishot) v.setUint32(sqe + SQE_LEN, IORING_POLL_ADD_MULTI, true);
-    this.#setU64(sqe + SQE_USER_DATA, userData);
-  }
-
   /** read(2) of an eventfd's 8-byte counter into `addr`: completes when the eventfd is written. */
   prepReadEventfd(sqe: number, eventFd: number, addr: bigint | number, userData: number): void {
     this.#prepRw(IORING_OP_READ, sqe, eventFd, addr, 8, 0, userData);
@@ -697,19 +670,38 @@ export class IoUring {
 
   /**
    * Submits prepared SQEs and waits until at least `waitNr` CQEs are ready, in one
-   * io_uring_enter. Returns the number of SQEs consumed. Retries EINTR; other failures throw
-   * `SyscallError("io_uring_enter", …)` (EBUSY/EAGAIN: reap completions, then call again).
-   * A signal that arrives after the SQEs were consumed ends the wait early (the kernel then
-   * reports the count, not EINTR): callers loop on reapCqes, they never assume `waitNr` CQEs.
+   * io_uring_enter. Returns the number of SQEs consumed. A signal that arrives after the SQEs
+   * were consumed ends the wait early (the kernel then reports the count, not EINTR): callers
+   * loop on reapCqes, they never assume `waitNr` CQEs.
    */
   submitAndWait(waitNr: number): number {
+    // Before the flags: a closed ring's memory is unmapped.
     if (this.#closed) this.#throwClosed("io_uring_enter");
-    let toSubmit = this.#flushSq();
     // Completions the kernel parked for lack of CQ room, or deferred task work, are only
     // posted from inside io_uring_enter with GETEVENTS.
-    const flags = waitNr > 0 || (this.sqFlags() & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN))
+    const flags = waitNr > 0 || (this.#sqFlagsNow() & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN))
       ? IORING_ENTER_GETEVENTS
       : 0;
+    return this.#enter(waitNr, flags);
+  }
+
+  /**
+   * Posts what is ready without waiting (io_uring_enter with GETEVENTS, liburing's
+   * `io_uring_get_events`): runs pending task work (with DEFER_TASKRUN, that is what delivers
+   * completions), flushes overflowed CQEs. Submits what is prepared too.
+   */
+  getEvents(): number {
+    return this.#enter(0, IORING_ENTER_GETEVENTS);
+  }
+
+  /**
+   * The one io_uring_enter path: publishes the prepared SQEs, enters (unless there is nothing to
+   * submit and nothing to get), retries EINTR; other failures throw
+   * `SyscallError("io_uring_enter", …)`.
+   */
+  #enter(waitNr: number, flags: number): number {
+    if (this.#closed) this.#throwClosed("io_uring_enter");
+    let toSubmit = this.#flushSq();
     if (toSubmit === 0 && flags === 0) return 0;
     for (;;) {
       this.enterCalls++;
@@ -723,103 +715,26 @@ export class IoUring {
   }
 
   /**
-   * As `submitAndWait`, but gives up waiting after `timeoutNs` (IORING_ENTER_EXT_ARG, Linux
-   * 5.11+). Returns the number of SQEs consumed; a timeout is not an error.
+   * Waits on a Deno helper thread until a CQE is ready, so the calling JS thread keeps running
+   * (a control command that blocks in the kernel, e.g. START_DEV); submits nothing. errno does
+   * not survive the helper thread, so a failed wait (EINTR) just returns: callers look at the CQ
+   * and wait again. Do not close the ring while a wait is pending.
    */
-  submitAndWaitTimeout(waitNr: number, timeoutNs: number): number {
+  async waitAsync(): Promise<void> {
     if (this.#closed) this.#throwClosed("io_uring_enter");
-    if (!(this.features & IORING_FEAT_EXT_ARG)) {
-      throw new SyscallError("io_uring_enter", 95, "timed wait needs IORING_FEAT_EXT_ARG");
-    }
-    const s = this.#scratchView;
-    s.setBigUint64(GETEVENTS_ARG_SIGMASK, 0n, true);
-    s.setUint32(GETEVENTS_ARG_SIGMASK_SZ, 8, true); // _NSIG / 8, though no mask is passed
-    s.setBigUint64(GETEVENTS_ARG_TS, this.#scratch.address + BigInt(SCRATCH_TS), true);
-    const ns = Math.max(0, Math.floor(timeoutNs));
-    s.setBigInt64(SCRATCH_TS, BigInt(Math.floor(ns / 1e9)), true);
-    s.setBigInt64(SCRATCH_TS + 8, BigInt(ns % 1e9), true);
-    let toSubmit = this.#flushSq();
-    const flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
-    for (;;) {
-      this.enterCalls++;
-      const r = libc.io_uring_enter(
-        SYS_ENTER_BIG,
-        this.fd,
-        toSubmit,
-        waitNr,
-        flags,
-        this.#scratch.pointer,
-        GETEVENTS_ARG_SIZE_BIG,
-      );
-      if (r >= 0) return r;
-      const e = errno();
-      if (e === ETIME) return 0;
-      if (e !== EINTR) throw new SyscallError("io_uring_enter", e, `ring fd ${this.fd}`);
-      toSubmit = (this.#sqeTail - Atomics.load(this.#sqRing, this.#sqHead)) >>> 0;
-    }
-  }
-
-  /**
-   * As `submitAndWait`, run on a Deno helper thread so the calling JS thread keeps running
-   * (e.g. a control command that blocks in the kernel). Until it settles, do not prepare or
-   * submit on this ring. errno does not survive the helper thread, so a failure is re-issued
-   * synchronously without waiting: a lasting error recurs there and is thrown with its name.
-   */
-  async submitAndWaitAsync(waitNr: number): Promise<number> {
-    if (this.#closed) this.#throwClosed("io_uring_enter");
-    let consumed = 0;
-    for (;;) {
-      this.enterCalls++;
-      this.#asyncWaits++;
-      let r: number;
-      try {
-        r = await libc.io_uring_enter_nonblocking(
-          SYS_ENTER_BIG,
-          this.fd,
-          this.#flushSq(),
-          waitNr,
-          IORING_ENTER_GETEVENTS,
-          null,
-          0n,
-        );
-      } finally {
-        this.#asyncWaits--;
-      }
-      if (this.#closed) {
-        if (this.#releaseAfterWaits && this.#asyncWaits === 0) this.#release();
-        this.#throwClosed("io_uring_enter");
-      }
-      if (r >= 0) return consumed + r;
-      // A failed enter consumed nothing (the kernel reports a count instead of an error once it
-      // has consumed any SQE). Retry without waiting, on this thread, where errno is readable.
-      consumed += this.submitAndWait(0);
-      if (this.cqReady() >= waitNr) return consumed;
-    }
+    this.enterCalls++;
+    await libc.io_uring_enter_nonblocking(
+      SYS_ENTER_BIG,
+      this.fd,
+      0,
+      1,
+      IORING_ENTER_GETEVENTS,
+      null,
+      0n,
+    );
   }
 
   // ---- completion ----
-
-  /**
-   * Spins in user space, without a syscall, until a CQE is ready, the kernel asks to be entered
-   * (IORING_SQ_TASKRUN) or `maxSpinNs` has passed; returns the number of CQEs ready. For latency:
-   * it skips the sleep and wake-up of `submitAndWait`, at the price of a busy CPU. Only what the
-   * kernel posts while we spin shows up: on a plain ring it interrupts the spinning thread to run
-   * the task work that posts completions; with COOP_TASKRUN it sets IORING_SQ_TASKRUN instead
-   * (then `submitAndWait(0)` runs it); with DEFER_TASKRUN nothing appears until the next enter.
-   */
-  spinForCqes(maxSpinNs: number): number {
-    if (this.#closed) this.#throwClosed("spinForCqes");
-    const deadline = performance.now() + maxSpinNs / 1e6;
-    for (;;) {
-      // Check the clock only every so often: performance.now() costs more than the loads.
-      for (let i = 0; i < 256; i++) {
-        const ready = (Atomics.load(this.#cqRing, this.#cqTail) - this.#cqHeadLocal) >>> 0;
-        if (ready !== 0) return ready;
-        if (Atomics.load(this.#sqRing, this.#sqFlags) & IORING_SQ_TASKRUN) return 0;
-      }
-      if (performance.now() >= deadline) return 0;
-    }
-  }
 
   /**
    * Copies every ready CQE out, advances the CQ head once, then calls `onCqe` for each in
@@ -890,10 +805,6 @@ export class IoUring {
     }
   }
 
-  unregisterFiles(): void {
-    this.#register(IORING_UNREGISTER_FILES, 0n, 0, "UNREGISTER_FILES");
-  }
-
   /** Registers native regions as fixed buffers 0…n-1 (pinned by the kernel until unregistered). */
   registerBuffers(buffers: readonly NativeRegion[]): void {
     const buf = new AlignedBuffer(Math.max(IOVEC_SIZE, buffers.length * IOVEC_SIZE));
@@ -909,78 +820,20 @@ export class IoUring {
     }
   }
 
-  unregisterBuffers(): void {
-    this.#register(IORING_UNREGISTER_BUFFERS, 0n, 0, "UNREGISTER_BUFFERS");
-  }
-
-  /** The kernel signals `eventFd` whenever it posts a CQE to this ring. */
-  registerEventfd(eventFd: number): void {
-    this.#scratchView.setInt32(SCRATCH_EVENTFD, eventFd, true);
-    this.#register(
-      IORING_REGISTER_EVENTFD,
-      this.#scratch.address + BigInt(SCRATCH_EVENTFD),
-      1,
-      "REGISTER_EVENTFD",
-    );
-  }
-
-  unregisterEventfd(): void {
-    this.#register(IORING_UNREGISTER_EVENTFD, 0n, 0, "UNREGISTER_EVENTFD");
-  }
-
-  /** The opcodes this kernel supports (IORING_REGISTER_PROBE). */
-  probeOps(): Set<number> {
-    const ops = 256;
-    const buf = new AlignedBuffer(PROBE_OPS + ops * PROBE_OP_SIZE);
-    try {
-      this.#register(IORING_REGISTER_PROBE, buf.address, ops, "REGISTER_PROBE");
-      const v = new DataView(buf.bytes.buffer);
-      const supported = new Set<number>();
-      const len = v.getUint8(PROBE_OPS_LEN);
-      for (let i = 0; i < len; i++) {
-        const op = PROBE_OPS + i * PROBE_OP_SIZE;
-        if (v.getUint16(op + PROBE_OP_FLAGS, true) & IO_URING_OP_SUPPORTED) {
-          supported.add(v.getUint8(op));
-        }
-      }
-      return supported;
-    } finally {
-      buf.free();
-    }
-  }
-
   /**
    * Unmaps the rings and closes the ring fd; in-flight requests are cancelled by the kernel.
-   * Every later call throws EBADF (instead of touching unmapped memory). A `submitAndWaitAsync`
-   * still blocked in the kernel is woken with NOPs and rejects; the ring is released then.
+   * Every later call throws EBADF (instead of touching unmapped memory).
    */
   close(): void {
     if (this.#closed) return;
-    if (this.#asyncWaits > 0) {
-      // The helper thread waits for CQEs: give it some, and unmap only once it has returned,
-      // since it is still inside io_uring_enter on this ring.
-      for (let i = 0; i < this.cqEntries; i++) {
-        const sqe = this.getSqe();
-        if (sqe < 0) break;
-        this.prepNop(sqe, 0);
-      }
-      this.submit();
-      this.#closed = true;
-      this.#releaseAfterWaits = true;
-      return;
-    }
     this.#closed = true;
-    this.#release();
-  }
-
-  #throwClosed(what: string): never {
-    throw new SyscallError(what, EBADF, `ring fd ${this.fd} (closed)`);
-  }
-
-  #release(): void {
     for (const [p, bytes] of this.#maps) munmap(p, bytes);
     this.#maps.length = 0;
     closeFd(this.fd);
     this.#scratch.free();
+  }
+
+  #throwClosed(what: string): never {
+    throw new SyscallError(what, EBADF, `ring fd ${this.fd} (closed)`);
   }
 }

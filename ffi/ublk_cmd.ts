@@ -7,6 +7,9 @@
 //! 6.1 (the host's 6.1 header agrees on each offset), and newer fields are appended, so one layout
 //! serves 6.12 and 7.3. The kernel tells which features it has through GET_FEATURES.
 
+import type { IoUring } from "./io_uring.ts";
+import { MAP_POPULATE, MAP_SHARED, mmap, munmap, PROT_READ } from "./libc.ts";
+
 // --- ioctl number encoding (asm-generic/ioctl.h) -------------------------------------------
 
 const IOC_NRSHIFT = 0;
@@ -46,6 +49,31 @@ export const IO_CMD_Q_ID = 0; // __u16 q_id
 export const IO_CMD_TAG = 2; // __u16 tag
 export const IO_CMD_RESULT = 4; // __s32 result (COMMIT only: bytes done or -errno)
 export const IO_CMD_ADDR = 8; // __u64 addr: the tag's buffer in our address space
+
+/**
+ * Fills `sqe` (from `ring.sqe()`) with ublk IO command `cmdOp` (FETCH_REQ, COMMIT_AND_FETCH_REQ)
+ * for `tag` of queue `queueId` on /dev/ublkcN (`charFd`). `result` is the committed request's
+ * bytes or -errno; `addr` the tag's buffer, a number (no BigInt on the IO path).
+ */
+export function prepIoCommand(
+  ring: IoUring,
+  sqe: number,
+  charFd: number,
+  cmdOp: number,
+  queueId: number,
+  tag: number,
+  result: number,
+  addr: number,
+  userData: number,
+): void {
+  const p = ring.prepUringCmd(sqe, charFd, cmdOp, userData);
+  const v = ring.sqeView;
+  v.setUint16(p + IO_CMD_Q_ID, queueId, true);
+  v.setUint16(p + IO_CMD_TAG, tag, true);
+  v.setInt32(p + IO_CMD_RESULT, result, true);
+  v.setUint32(p + IO_CMD_ADDR, addr % 0x1_0000_0000, true);
+  v.setUint32(p + IO_CMD_ADDR + 4, Math.floor(addr / 0x1_0000_0000), true);
+}
 
 // --- control opcodes -------------------------------------------------------------------------
 
@@ -407,6 +435,32 @@ export const UBLK_IO_F_META = 1 << 11;
 export const UBLK_IO_F_FUA = 1 << 13;
 export const UBLK_IO_F_NOUNMAP = 1 << 15;
 export const UBLK_IO_F_SWAP = 1 << 16;
+
+/**
+ * Maps queue `queueId`'s descriptor area of /dev/ublkcN (`charFd`), read-only (the driver refuses
+ * writable maps): tag t's `ublksrv_io_desc` is at t * IO_DESC_SIZE. `unmap` before DEL_DEV, which
+ * waits for every mapping of the device to go.
+ */
+export function mapIoDescriptors(
+  charFd: number,
+  devId: number,
+  queueId: number,
+  depth: number,
+): { desc: DataView; unmap(): void } {
+  const bytes = ioDescAreaBytes(depth);
+  const ptr = mmap(
+    bytes,
+    PROT_READ,
+    MAP_SHARED | MAP_POPULATE,
+    charFd,
+    ioDescMmapOffset(queueId),
+    `/dev/ublkc${devId} queue ${queueId}`,
+  );
+  return {
+    desc: new DataView(Deno.UnsafePointerView.getArrayBuffer(ptr, bytes)),
+    unmap: () => munmap(ptr, bytes),
+  };
+}
 
 /** Size of a queue's descriptor area: whole pages, as the kernel allocates and maps it. */
 export function ioDescAreaBytes(depth: number, pageSize = 4096): number {

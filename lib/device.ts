@@ -1,15 +1,14 @@
 //! One ublk device serving one file: creation (ADD_DEV, SET_PARAMS, one Worker per queue that
 //! fetches every tag, then START_DEV — or, for a device left by a dead server, START/END
-//! USER_RECOVERY), mode switches and cache invalidation pushed to the queues, counters read from
-//! shared memory, and teardown (STOP_DEV, drain, flush, DEL_DEV).
+//! USER_RECOVERY), mode switches posted to the queues' mailboxes, counters read from shared
+//! memory (`lib/queue_state.ts`), and teardown (STOP_DEV, drain, flush, DEL_DEV).
 //!
 //! Start-up is all or nothing: if any step fails, the Workers are told to quit, a START_DEV still
 //! waiting for them is cancelled, /dev/ublkcN is closed and the device deleted, so no half-made
 //! device remains.
 
-import { close, eventfd, fdatasync, libc } from "../ffi/libc.ts";
+import { close, eventfd, fdatasync, O_RDWR, open } from "../ffi/libc.ts";
 import { EBUSY, ENOENT, SyscallError } from "../ffi/errno.ts";
-import { O_RDWR, open } from "../ffi/libc.ts";
 import {
   type DevInfo,
   hasFeature,
@@ -27,25 +26,15 @@ import {
 } from "../ffi/ublk_cmd.ts";
 import { UblkControl } from "./ublk_control.ts";
 import {
-  ARG_LENGTH,
-  ARG_OFFSET,
   Counter,
   createSharedState,
-  CTRL_MB_ACK,
-  CTRL_MB_MODE,
-  CTRL_MB_OP,
-  CTRL_MB_SEQ,
-  CTRL_STATE,
   type LastError,
   MbOp,
-  type ModeName,
-  modeOf,
+  type Mode,
   type QueueConfig,
-  QueueState,
-  readLastError,
-  SharedViews,
-} from "./event_loop.ts";
-import type { WorkerMessage } from "./queue_worker.ts";
+  QueueShared,
+  type WorkerMessage,
+} from "./queue_state.ts";
 import { UserError } from "./errors.ts";
 
 export interface DeviceOptions {
@@ -61,7 +50,7 @@ export interface DeviceOptions {
   queues: number;
   depth: number;
   maxIoBytes: number;
-  mode: "fast" | "file";
+  mode: Mode;
   recoverable: boolean;
   /** Take over this existing device (its server died) instead of adding a new one. */
   recoverDeviceId?: number;
@@ -104,11 +93,15 @@ export interface Device {
   maxIoBytes: number;
   flags: bigint;
   features: bigint;
-  setMode(mode: "fast" | "read-direct" | "file"): Promise<void>;
-  invalidate(offsetBytes: number, lengthBytes: number): Promise<void>;
+  setMode(mode: Mode): Promise<void>;
   counters(): DeviceCounters;
   stop(): Promise<void>;
   delete(): Promise<void>;
+  /**
+   * Lets the device go without stopping it, as a dying server would: the queues quit and
+   * /dev/ublkcN closes, and with user recovery its IO waits for the next server.
+   */
+  abandon(): Promise<void>;
 }
 
 const DEFAULT_MAX_EXTENTS = 1 << 20;
@@ -153,10 +146,22 @@ async function waitForNode(path: string): Promise<void> {
 interface Queue {
   worker: Worker;
   eventFd: number;
-  views: SharedViews;
+  shared: QueueShared;
   /** Settles when the Worker has ended (clean exit or error). */
   exited: Promise<void>;
   done: boolean;
+}
+
+/**
+ * Posts one mailbox command to every live queue and waits until each acknowledged it (setMode:
+ * once the IO the new mode forbids has drained) or ended.
+ */
+async function postToQueues(queues: Queue[], op: MbOp, mode?: Mode): Promise<void> {
+  await Promise.all(
+    queues.filter((q) => !q.done).map((q) =>
+      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode), () => q.done)
+    ),
+  );
 }
 
 class UblkDevice implements Device {
@@ -198,43 +203,16 @@ class UblkDevice implements Device {
     this.#q = queues;
   }
 
-  /**
-   * Posts one mailbox command to every live queue and waits for each to acknowledge. Commands
-   * are serialized: the mailbox has one slot per queue.
-   */
-  #post(op: number, fill: (v: SharedViews) => void): Promise<void> {
-    const run = async () => {
-      const acks: Promise<unknown>[] = [];
-      for (const q of this.#q) {
-        if (q.done) continue;
-        const ctrl = q.views.ctrl;
-        fill(q.views);
-        Atomics.store(ctrl, CTRL_MB_OP, op);
-        const seq = Atomics.add(ctrl, CTRL_MB_SEQ, 1) + 1;
-        ringDoorbell(q.eventFd);
-        acks.push(waitAck(q, seq));
-      }
-      await Promise.all(acks);
-    };
-    const next = this.#mailbox.then(run, run);
+  /** New requests follow `mode` at once; resolves once every queue has drained for it. */
+  setMode(mode: Mode): Promise<void> {
+    // One command at a time: each queue's mailbox has one slot.
+    const next = this.#mailbox.then(() => postToQueues(this.#q, MbOp.setMode, mode));
     this.#mailbox = next.catch(() => {});
     return next;
   }
 
-  setMode(mode: "fast" | "read-direct" | "file"): Promise<void> {
-    const m = modeOf(mode as ModeName);
-    return this.#post(MbOp.setMode, (v) => Atomics.store(v.ctrl, CTRL_MB_MODE, m));
-  }
-
-  invalidate(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#post(MbOp.invalidate, (v) => {
-      v.args[ARG_OFFSET] = offsetBytes;
-      v.args[ARG_LENGTH] = lengthBytes;
-    });
-  }
-
   counters(): DeviceCounters {
-    const sum = (k: number) => this.#q.reduce((s, q) => s + q.views.counters[k]!, 0);
+    const sum = (k: number) => this.#q.reduce((s, q) => s + q.shared.counters[k]!, 0);
     return {
       reads: sum(Counter.reads),
       writes: sum(Counter.writes),
@@ -264,7 +242,7 @@ class UblkDevice implements Device {
         other: sum(Counter.errorsOther),
       },
       fiemapErrors: sum(Counter.fiemapErrors),
-      lastError: latestError(this.#q.map((q) => q.views)),
+      lastError: latestError(this.#q.map((q) => q.shared)),
       retries: sum(Counter.retries),
     };
   }
@@ -289,6 +267,21 @@ class UblkDevice implements Device {
     }
   }
 
+  async abandon(): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    this.#deleted = true;
+    try {
+      void postToQueues(this.#q, MbOp.quit);
+      await joinQueues(this.#q, QUEUE_EXIT_TIMEOUT_MS);
+    } finally {
+      closeQueues(this.#q);
+      if (this.#charFd >= 0) close(this.#charFd);
+      this.#charFd = -1;
+      this.#ctl.close();
+    }
+  }
+
   /** DEL_DEV (after stop; stops first if needed), then closes the control device. */
   async delete(): Promise<void> {
     if (this.#deleted) return;
@@ -303,34 +296,15 @@ class UblkDevice implements Device {
 }
 
 /** The most recent of the queues' last errors, with its time as an ISO string. */
-function latestError(views: SharedViews[]): DeviceCounters["lastError"] {
+function latestError(queues: QueueShared[]): DeviceCounters["lastError"] {
   let latest: LastError | null = null;
-  for (const v of views) {
-    const e = readLastError(v);
+  for (const q of queues) {
+    const e = q.lastError();
     if (e && (latest === null || e.atMs >= latest.atMs)) latest = e;
   }
   if (latest === null) return null;
   const { atMs, ...rest } = latest;
   return { ...rest, at: new Date(atMs).toISOString() };
-}
-
-function ringDoorbell(eventFd: number): void {
-  const one = new Uint8Array(8);
-  one[0] = 1;
-  // An eventfd write of 8 bytes cannot be short; EAGAIN only at a counter of 2^64-2.
-  libc.write(eventFd, one, 8n);
-}
-
-async function waitAck(q: Queue, seq: number): Promise<void> {
-  const ctrl = q.views.ctrl;
-  for (;;) {
-    const ack = Atomics.load(ctrl, CTRL_MB_ACK);
-    if (ack - seq >= 0) return;
-    const state = Atomics.load(ctrl, CTRL_STATE);
-    if (q.done || state === QueueState.exited || state === QueueState.failed) return;
-    const w = Atomics.waitAsync(ctrl, CTRL_MB_ACK, ack, 1000);
-    if (w.async) await w.value;
-  }
 }
 
 async function joinQueues(queues: Queue[], timeoutMs: number): Promise<void> {
@@ -342,12 +316,7 @@ async function joinQueues(queues: Queue[], timeoutMs: number): Promise<void> {
   const r = await Promise.race([all.then(() => "ok" as const), late]);
   clearTimeout(timer);
   if (r === "late") {
-    for (const q of queues) {
-      if (q.done) continue;
-      Atomics.store(q.views.ctrl, CTRL_MB_OP, MbOp.quit);
-      Atomics.add(q.views.ctrl, CTRL_MB_SEQ, 1);
-      ringDoorbell(q.eventFd);
-    }
+    void postToQueues(queues, MbOp.quit);
     const r2 = await Promise.race([all.then(() => "ok" as const), sleep(timeoutMs)]);
     if (r2 !== "ok") { for (const q of queues) if (!q.done) q.worker.terminate(); }
   }
@@ -370,7 +339,7 @@ function startQueues(
   const fetchingAll: Promise<void>[] = [];
   for (let queueId = 0; queueId < base.queues; queueId++) {
     const efd = eventfd(0);
-    const worker = new Worker(new URL("./queue_worker.ts", import.meta.url), { type: "module" });
+    const worker = new Worker(new URL("./event_loop.ts", import.meta.url), { type: "module" });
     let resolveFetching!: () => void;
     let rejectFetching!: (e: Error) => void;
     fetchingAll.push(
@@ -384,7 +353,7 @@ function startQueues(
     const q: Queue = {
       worker,
       eventFd: efd,
-      views: new SharedViews(base.sab, base.queues, queueId),
+      shared: new QueueShared(base.sab, base.queues, queueId),
       exited,
       done: false,
     };
@@ -509,9 +478,10 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       fileSizeBytes: opts.fileSizeBytes,
       logicalBlockSize: opts.logicalBlockSize,
       readOnly: opts.readOnly,
-      mode: modeOf(opts.mode),
+      mode: opts.mode,
       maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
       poisonByte: opts.poisonByte ?? -1,
+      ...benchmarkSwitches(),
       sab,
     }, (m) => failure!(m));
     queues = started.queues;
@@ -546,12 +516,7 @@ async function teardown(
       ctl.cancelPending();
       await startCmd.catch(() => {});
     }
-    for (const q of queues) {
-      if (q.done) continue;
-      Atomics.store(q.views.ctrl, CTRL_MB_OP, MbOp.quit);
-      Atomics.add(q.views.ctrl, CTRL_MB_SEQ, 1);
-      ringDoorbell(q.eventFd);
-    }
+    void postToQueues(queues, MbOp.quit);
     await joinQueues(queues, 2000);
     closeQueues(queues);
     if (charFd >= 0) close(charFd);
@@ -562,6 +527,20 @@ async function teardown(
   } finally {
     ctl.close();
   }
+}
+
+/**
+ * The queue engine's switches for benchmarks, read here on the main thread (the Workers read no
+ * environment): FASTLOOP_FIXED_BUFFERS=1 registers the tags' buffers, FASTLOOP_QUEUE_RING=
+ * coop|plain picks a simpler ring, FASTLOOP_POLL_US busy-polls before sleeping.
+ */
+function benchmarkSwitches(): Pick<QueueConfig, "fixedBuffers" | "ringMode" | "pollUs"> {
+  const ring = Deno.env.get("FASTLOOP_QUEUE_RING");
+  return {
+    fixedBuffers: Deno.env.get("FASTLOOP_FIXED_BUFFERS") === "1",
+    ringMode: ring === "coop" || ring === "plain" ? ring : "defer",
+    pollUs: Math.max(0, Number(Deno.env.get("FASTLOOP_POLL_US") ?? "0") || 0),
+  };
 }
 
 function validateOptions(opts: DeviceOptions): void {

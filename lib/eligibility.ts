@@ -10,6 +10,7 @@
 import {
   type BackingDevice,
   backingDeviceOf,
+  BlockDeviceError,
   EXT4_SUPER_MAGIC,
   filesystemOf,
   FS_COMPR_FL,
@@ -31,7 +32,6 @@ import {
   FIEMAP_EXTENT_UNKNOWN,
   FIEMAP_EXTENT_UNWRITTEN,
 } from "../ffi/fiemap.ts";
-import { UserError } from "./errors.ts";
 
 /** How a range of the file is served. Small integers: the extent cache stores them in a Uint8Array. */
 export const ExtentKind = {
@@ -220,7 +220,7 @@ export function filesystemEligibility(fd: number, path: string): Eligibility {
   try {
     device = backingDeviceOf(fd, path);
   } catch (e) {
-    if (!(e instanceof UserError)) throw e;
+    if (!(e instanceof BlockDeviceError)) throw e;
     deviceProblem = e.message;
   }
   if (!known) {

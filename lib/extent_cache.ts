@@ -26,18 +26,6 @@ export interface ExtentSource {
   map(offsetBytes: number, lengthBytes: number, maxExtents?: number): FiemapExtent[];
 }
 
-/** A reusable output record for `lookupInto` (allocate it once per queue). */
-export interface MappingOut {
-  /** File offset where the cached segment starts. */
-  logical: number;
-  /** Device offset of `logical` (meaningless, -1, for holes). */
-  physical: number;
-  /** Segment length in bytes. */
-  length: number;
-  kind: ExtentKind;
-  reason: ExtentReason;
-}
-
 export interface ExtentCacheOptions {
   /** File size: lookups at or past it are holes without asking the source. */
   fileSizeBytes: number;
@@ -49,8 +37,6 @@ export interface ExtentCacheOptions {
   maxExtentsPerFill?: number;
   /** Backing device logical block size, for the alignment rule. Default 512. */
   blockSize?: number;
-  /** False when the filesystem is not eligible: every extent is then via-file. Default true. */
-  eligible?: boolean;
 }
 
 export interface ExtentCacheStats {
@@ -94,7 +80,7 @@ export class ExtentCache {
   readonly #windowBytes: number;
   readonly #perFill: number;
   readonly #blockSize: number;
-  readonly #eligible: boolean;
+
   #fileSizeBytes: number;
 
   /** `#count` segments of STRIDE doubles, sorted by start, non-overlapping. */
@@ -132,7 +118,7 @@ export class ExtentCache {
       Math.floor(opts.maxExtentsPerFill ?? Math.min(4096, this.#maxExtents / 2)),
     );
     this.#blockSize = opts.blockSize ?? 512;
-    this.#eligible = opts.eligible ?? true;
+
     this.#fileSizeBytes = opts.fileSizeBytes;
     const capacity = Math.min(INITIAL_CAPACITY, this.#maxExtents);
     this.#seg = new Float64Array(capacity * STRIDE);
@@ -173,18 +159,6 @@ export class ExtentCache {
     return this.#miss(offsetBytes);
   }
 
-  /** `lookup`, then copies the segment into `out` (no allocation). */
-  lookupInto(offsetBytes: number, out: MappingOut): MappingOut {
-    const at = this.lookup(offsetBytes) * STRIDE;
-    const seg = this.#seg;
-    out.logical = seg[at + S_START]!;
-    out.physical = seg[at + S_PHYSICAL]!;
-    out.length = seg[at + S_END]! - out.logical;
-    out.kind = (seg[at + S_KIND]! & 0xff) as ExtentKind;
-    out.reason = (seg[at + S_KIND]! >>> 8) as ExtentReason;
-    return out;
-  }
-
   /** File offset where segment `i` starts. */
   startAt(i: number): number {
     return this.#seg[i * STRIDE + S_START]!;
@@ -193,10 +167,6 @@ export class ExtentCache {
   endAt(i: number): number {
     return this.#seg[i * STRIDE + S_END]!;
   }
-  /** Device offset of the segment's start (-1 for holes). */
-  physicalAt(i: number): number {
-    return this.#seg[i * STRIDE + S_PHYSICAL]!;
-  }
   /** Device offset of file offset `offsetBytes`, which must lie in segment `i`. */
   physicalOf(i: number, offsetBytes: number): number {
     const at = i * STRIDE;
@@ -204,9 +174,6 @@ export class ExtentCache {
   }
   kindAt(i: number): ExtentKind {
     return (this.#seg[i * STRIDE + S_KIND]! & 0xff) as ExtentKind;
-  }
-  reasonAt(i: number): ExtentReason {
-    return (this.#seg[i * STRIDE + S_KIND]! >>> 8) as ExtentReason;
   }
 
   /**
@@ -359,7 +326,7 @@ export class ExtentCache {
         const b = Math.min(e.logical + e.length, to);
         if (b <= a) continue;
         if (a > cursor) push(out, cursor, a, -1, ExtentKind.hole, ExtentReason.hole);
-        const c = classifyExtent(e.flags, this.#blockSize, e, this.#eligible);
+        const c = classifyExtent(e.flags, this.#blockSize, e, true);
         push(out, a, b, e.physical + (a - e.logical), c.kind, c.reason);
         cursor = b;
       }

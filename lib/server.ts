@@ -11,10 +11,9 @@
 //! that fd holds a write or read lease. When the kernel breaks it (SIGIO):
 //! - someone opens it for writing or truncates it: `setMode("file")` drains direct IO and drops the
 //!   extent cache, then the lease is released — the opener waits only for that drain;
-//! - someone opens it for reading: issue 5 wants "read-direct" under a read lease, but the kernel
-//!   refuses a read lease on an fd open for writing (EAGAIN, even our own fd; measured), and
-//!   without any lease a later writer would go unnoticed, so a reader is handled like a writer.
-//!   (`setMode("read-direct")` stays available for a design that holds a read-only fd.)
+//! - someone opens it for reading: the kernel refuses a read lease on an fd open for writing
+//!   (EAGAIN, even our own fd; measured), and without any lease a later writer would go
+//!   unnoticed, so a reader is handled like a writer.
 //! Then the lease is retried with backoff; once held again the device returns to its base mode
 //! with a fresh mapping. Every transition is logged and counted for `stat`.
 
@@ -45,6 +44,7 @@ import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
+import type { Mode } from "./queue_state.ts";
 import {
   type DeviceRecord,
   FileClaim,
@@ -73,9 +73,6 @@ export interface ServerOptions {
   /** Take over this device, whose previous server died (ublk user recovery). */
   recoverDeviceId?: number;
 }
-
-/** The device's IO mode as the server drives it (`read-direct`: direct reads, writes via file). */
-export type Mode = "fast" | "read-direct" | "file";
 
 interface Transition {
   at: string;
@@ -109,7 +106,12 @@ class Server {
   #fileFd = -1;
   #device: Device | null = null;
   #record: DeviceRecord | null = null;
-  #listener: Deno.UnixListener | null = null;
+  /** The start-up step running (named in the log when it fails). */
+  #step = "";
+  #identity = { dev: "", ino: "" };
+  #fileSizeBytes = 0;
+  #backingFd = -1;
+  #blockSizes = { logical: 512, physical: 4096 };
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
   #baseMode: Mode = "file";
   #baseReason = "";
@@ -157,7 +159,7 @@ class Server {
         ? e.message
         : `internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`;
       const exitCode = e instanceof UserError ? e.exitCode : ExitCode.failure;
-      log(`start-up failed: ${error}`);
+      log(`start-up failed (${this.#step}): ${error}`);
       await this.#unwind();
       log("start-up undone; exiting");
       writeReadiness({ ok: false, error: error.split("\n")[0], exitCode }, this.#logFd);
@@ -185,20 +187,41 @@ class Server {
     );
   }
 
+  /**
+   * Start-up, as named steps run in order; each pushes the undo of what it did, so a failure at
+   * any step unwinds exactly what exists (`#unwind`).
+   */
   async #startSteps(): Promise<void> {
-    const o = this.#opts;
     for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"] as const) {
-      const handler = () => {
+      Deno.addSignalListener(signal, () => {
         log(`${signal}: detaching`);
         this.stop(`${signal}`);
-      };
-      Deno.addSignalListener(signal, handler);
+      });
     }
+    const steps: ReadonlyArray<readonly [string, () => void | Promise<void>]> = [
+      ["claim the file", () => this.#claimFile()],
+      ["open the file", () => this.#openFile()],
+      ["take the lease", () => this.#takeLease()],
+      ["find ublk", () => requireUblk()],
+      ["find the direct path", () => this.#findDirectPath()],
+      ["start the device", () => this.#startDevice()],
+      ["open the control socket", () => this.#openControlSocket()],
+      ["write the record", () => this.#writeRecord()],
+    ];
+    for (const [what, step] of steps) {
+      this.#step = what;
+      await step();
+    }
+  }
 
-    // 1. Exclusive claim on the file, before opening it: a second open would break the lease of
-    //    a server that already serves this file.
-    const identity = this.#expectedIdentity();
-    const claim = FileClaim.tryTake(identity);
+  /**
+   * An exclusive claim on the file, before opening it: a second open would break the lease of a
+   * server that already serves this file.
+   */
+  #claimFile(): void {
+    const o = this.#opts;
+    this.#identity = this.#expectedIdentity();
+    const claim = FileClaim.tryTake(this.#identity);
     if (!claim) {
       const other = findByFile(o.filePath);
       throw new UserError(
@@ -209,19 +232,18 @@ class Server {
       );
     }
     this.#pushUndo("release the file claim", () => claim.release());
+  }
 
-    // 2. The file, once. O_DIRECT so file-path IO bypasses the page cache like direct IO does.
-    const flags = (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT;
+  /** The file, once. O_DIRECT so file-path IO bypasses the page cache like direct IO does. */
+  #openFile(): void {
+    const o = this.#opts;
     try {
-      this.#fileFd = open(o.filePath, flags);
+      this.#fileFd = open(o.filePath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
     } catch (e) {
-      if (e instanceof SyscallError && e.code === "EINVAL") {
-        // The filesystem refuses O_DIRECT (e.g. tmpfs before 6.6): serve through its page cache.
-        this.#fileFd = open(o.filePath, o.readOnly ? O_RDONLY : O_RDWR);
-        log("the filesystem refuses O_DIRECT: file IO goes through its page cache");
-      } else {
-        throw e;
-      }
+      if (!(e instanceof SyscallError && e.code === "EINVAL")) throw e;
+      // The filesystem refuses O_DIRECT (e.g. tmpfs before 6.6): serve through its page cache.
+      this.#fileFd = open(o.filePath, o.readOnly ? O_RDONLY : O_RDWR);
+      log("the filesystem refuses O_DIRECT: file IO goes through its page cache");
     }
     const fd = this.#fileFd;
     this.#pushUndo("close the file", () => {
@@ -229,61 +251,62 @@ class Server {
       close(fd);
     });
     const st = fstat(fd, o.filePath);
-    if (st.dev.toString() !== identity.dev || st.ino.toString() !== identity.ino) {
+    if (st.dev.toString() !== this.#identity.dev || st.ino.toString() !== this.#identity.ino) {
       throw new UserError(`${quotePath(o.filePath)} was replaced while attaching; try again`);
     }
     if (st.size === 0 || st.size % 512 !== 0) {
       throw new UserError(`${o.filePath} is ${st.size} bytes, not a multiple of 512`);
     }
+    this.#fileSizeBytes = st.size;
+  }
 
-    // 3. The lease: write for read-write, read for read-only. The break listener goes first —
-    //    an unhandled SIGIO would kill the process.
-    const stopListening = onLeaseBreak(fd, (to) => this.#onLeaseBreak(to), o.filePath);
-    this.#pushUndo("remove the lease-break listener", stopListening);
-    const want = o.readOnly ? "read" : "write";
-    let leased = true;
+  /**
+   * The lease: write for read-write, read for read-only. The break listener goes first: an
+   * unhandled SIGIO would kill the process. A new attach must not share the file; a recovery must
+   * not leave the device without a server, so it starts on the file path without the lease.
+   */
+  #takeLease(): void {
+    const o = this.#opts;
+    const fd = this.#fileFd;
+    this.#pushUndo(
+      "remove the lease-break listener",
+      onLeaseBreak(fd, (to) => this.#onLeaseBreak(to), o.filePath),
+    );
+    const want = this.#wantedLease();
     try {
       setLease(fd, want, o.filePath);
+      this.#lease = want;
     } catch (e) {
       if (!(e instanceof LeaseRefusedError)) throw e;
-      // A new attach must not share the file; a recovery must not leave the device without a
-      // server: it starts on the safe path and takes the lease when it can.
       if (o.recoverDeviceId === undefined) throw fileInUseError(o.filePath);
-      leased = false;
       log("recovering without the lease (the file is open elsewhere): file mode until it is free");
     }
-    this.#lease = leased ? want : "none";
     this.#pushUndo("release the lease", () => {
       if (this.#lease !== "none") setLease(fd, "unlock", o.filePath);
       this.#lease = "none";
     });
-    if (leased) {
+    if (this.#lease === want) {
       log(`${want} lease taken`);
       syncAndDropPageCache(fd, o.filePath);
     }
+  }
 
-    // 4. ublk itself: checked before the filesystem so a host without it fails fast and clearly.
-    try {
-      Deno.statSync("/dev/ublk-control");
-    } catch {
-      throw new UserError(
-        "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
-        ExitCode.unsupported,
-      );
-    }
-
-    // 5. Where the data lives, and whether IO may go there directly.
-    const eligibility = filesystemEligibility(fd, o.filePath);
+  /** Where the data lives, and whether IO may go there directly (`lib/eligibility.ts`). */
+  #findDirectPath(): void {
+    const o = this.#opts;
+    const eligibility = filesystemEligibility(this.#fileFd, o.filePath);
     this.#filesystem = eligibility.filesystem;
     this.#backingDevice = eligibility.device?.devicePath ?? null;
-    let backingFd = -1;
-    this.#baseMode = "file";
+    this.#blockSizes = {
+      logical: eligibility.device?.logicalBlockSize ?? 512,
+      physical: eligibility.device?.physicalBlockSize ?? 4096,
+    };
     this.#baseReason = eligibility.reason ?? `${eligibility.filesystem} is not eligible`;
     if (eligibility.eligible && eligibility.device) {
       const devPath = eligibility.device.devicePath;
       try {
-        backingFd = open(devPath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
-        const bfd = backingFd;
+        const bfd = open(devPath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
+        this.#backingFd = bfd;
         this.#pushUndo(`close ${devPath}`, () => close(bfd));
         this.#baseMode = "fast";
         this.#baseReason = "";
@@ -298,18 +321,25 @@ class Server {
         ? `${eligibility.filesystem} on ${eligibility.device?.devicePath}: direct path enabled`
         : `file mode: ${this.#baseReason}`,
     );
+  }
 
-    // 6. The device.
+  /**
+   * The ublk device, new or taken over. Undo: stop and delete it (detach), except when a recovery
+   * fails during start-up: then it is only let go, so its IO waits for the next server.
+   */
+  async #startDevice(): Promise<void> {
+    const o = this.#opts;
     const { createDevice } = await import("./device.ts");
     // A lease break during start-up (handled already) leaves the device starting in file mode.
+    const want = this.#wantedLease();
     const startMode = this.#baseMode === "fast" && this.#lease === want ? "fast" : "file";
     const device = await createDevice({
       filePath: o.filePath,
-      fileFd: fd,
-      fileSizeBytes: st.size,
-      backingFd,
-      logicalBlockSize: eligibility.device?.logicalBlockSize ?? 512,
-      physicalBlockSize: eligibility.device?.physicalBlockSize ?? 4096,
+      fileFd: this.#fileFd,
+      fileSizeBytes: this.#fileSizeBytes,
+      backingFd: this.#backingFd,
+      logicalBlockSize: this.#blockSizes.logical,
+      physicalBlockSize: this.#blockSizes.physical,
       readOnly: o.readOnly,
       queues: o.queues,
       depth: o.depth,
@@ -322,23 +352,24 @@ class Server {
     this.#device = device;
     setLogContext(`ublkb${device.id}`);
     this.#mode = startMode;
-    if (!leased) this.#scheduleRetry();
-    if (startMode === "fast" && this.#lease !== want) {
-      // The lease broke while the device was being created: no direct IO without it.
-      await device.setMode("file");
-      this.#mode = "file";
-    }
     this.#pushUndo(`stop and delete ${device.blockPath}`, async () => {
+      if (this.#starting && o.recoverDeviceId !== undefined) return device.abandon();
       await device.stop();
       await device.delete();
     });
+    if (this.#lease !== want) this.#scheduleRetry();
+    if (startMode === "fast" && this.#lease !== want) {
+      // The lease broke while the device was being created: no direct IO without it.
+      await this.#setMode("file", this.#lease, "the lease broke during start-up");
+    }
     log(
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
         `(id ${device.id})`,
     );
+  }
 
-    // 7. The control socket, then the record that points at it.
-    const sock = socketPath(device.id);
+  #openControlSocket(): void {
+    const sock = socketPath(this.#device!.id);
     try {
       Deno.removeSync(sock);
     } catch {
@@ -346,7 +377,6 @@ class Server {
     }
     const listener = Deno.listen({ transport: "unix", path: sock });
     Deno.chmodSync(sock, 0o600);
-    this.#listener = listener;
     this.#pushUndo("close the control socket", () => {
       try {
         listener.close();
@@ -355,20 +385,25 @@ class Server {
       }
     });
     this.#serveControl(listener);
+  }
 
+  /** The record that names this server, its supervisor and the socket: the device is ours. */
+  #writeRecord(): void {
+    const o = this.#opts;
+    const device = this.#device!;
     const record: DeviceRecord = {
       version: 1,
       id: device.id,
       blockPath: device.blockPath,
       charPath: device.charPath,
-      file: { path: o.filePath, dev: identity.dev, ino: identity.ino },
+      file: { path: o.filePath, dev: this.#identity.dev, ino: this.#identity.ino },
       server: { pid: Deno.pid, startTicks: processStartTicks(Deno.pid) ?? 0 },
       supervisor: o.supervised
         ? { pid: Deno.ppid, startTicks: processStartTicks(Deno.ppid) ?? 0 }
         : undefined,
       startedAt: this.#startedAt,
       logPath: o.logPath,
-      socketPath: sock,
+      socketPath: socketPath(device.id),
       options: {
         readOnly: o.readOnly,
         queues: o.queues,
@@ -379,6 +414,10 @@ class Server {
     writeRecord(record);
     this.#record = record;
     this.#pushUndo("remove the registry record", () => removeRecord(device.id));
+  }
+
+  #wantedLease(): "read" | "write" {
+    return this.#opts.readOnly ? "read" : "write";
   }
 
   #expectedIdentity(): { dev: string; ino: string } {
@@ -625,6 +664,18 @@ function poisonByte(): number {
     // No poison file (any more): a healthy server.
   }
   return -1;
+}
+
+/** Fails fast and clearly on a kernel without ublk, before anything about the file is decided. */
+function requireUblk(): void {
+  try {
+    Deno.statSync("/dev/ublk-control");
+  } catch {
+    throw new UserError(
+      "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
+      ExitCode.unsupported,
+    );
+  }
 }
 
 function safe<T>(f: () => T): T | undefined {

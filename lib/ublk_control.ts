@@ -17,15 +17,9 @@
 //! built without legacy opcodes refuse the latter; kernels before `UBLK_F_CMD_IOCTL_ENCODE` refuse
 //! the former).
 
-import {
-  IORING_ASYNC_CANCEL_ALL,
-  IORING_ASYNC_CANCEL_ANY,
-  IORING_ENTER_GETEVENTS,
-  IoUring,
-  SYS_io_uring_enter,
-} from "../ffi/io_uring.ts";
-import { AlignedBuffer, close, geteuid, libc, O_RDWR, open } from "../ffi/libc.ts";
-import { EACCES, EBADF, EBUSY, ENOENT, EOPNOTSUPP, EPERM, SyscallError } from "../ffi/errno.ts";
+import { IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_ANY, IoUring } from "../ffi/io_uring.ts";
+import { AlignedBuffer, close, geteuid, O_RDWR, open } from "../ffi/libc.ts";
+import { EACCES, EBADF, ENOENT, EOPNOTSUPP, EPERM, SyscallError } from "../ffi/errno.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import {
   type BasicParams,
@@ -111,7 +105,6 @@ export class UblkControl {
   #nextId = 1;
   /** user_data → CQE result, filled by `#reap` for whichever command finished. */
   readonly #done = new Map<number, number>();
-  #waiters = 0;
   #closed = false;
 
   private constructor(fd: number, ring: IoUring) {
@@ -235,10 +228,8 @@ export class UblkControl {
    * can be deleted. Their promises reject with that error.
    */
   cancelPending(): void {
-    const sqe = this.#ring.getSqe();
-    if (sqe < 0) return;
     this.#ring.prepCancel(
-      sqe,
+      this.#ring.sqe(),
       0,
       CANCEL_USER_DATA,
       IORING_ASYNC_CANCEL_ALL | IORING_ASYNC_CANCEL_ANY,
@@ -289,10 +280,12 @@ export class UblkControl {
     const native = new AlignedBuffer(CMD_BUFFER_BYTES);
     if (buffer) native.bytes.set(buffer);
     const userData = this.#nextId++;
-    const sqe = this.#ring.getSqe();
-    if (sqe < 0) {
+    let sqe: number;
+    try {
+      sqe = this.#ring.sqe();
+    } catch (e) {
       native.free();
-      throw new SyscallError("io_uring_get_sqe", EBUSY, UBLK_CONTROL_PATH);
+      throw e;
     }
     const p = this.#ring.prepUringCmd(sqe, this.#fd, op, userData);
     const v = this.#ring.sqeView;
@@ -334,25 +327,7 @@ export class UblkControl {
         return res;
       }
       // Sleep on a helper thread until some CQE arrives (maybe another command's: loop).
-      this.#waiters++;
-      try {
-        const r = await libc.syscall_nonblocking(
-          BigInt(SYS_io_uring_enter),
-          BigInt(this.#ring.fd),
-          0n,
-          1n,
-          BigInt(IORING_ENTER_GETEVENTS),
-          0n,
-          0n,
-        );
-        // A failure here is EINTR from a signal on the helper thread (errno is not ours to
-        // read): look at the CQ again and wait again — unless the ring is gone.
-        if (r < 0n && this.#closed) {
-          throw new SyscallError("io_uring_enter", EBADF, UBLK_CONTROL_PATH);
-        }
-      } finally {
-        this.#waiters--;
-      }
+      await this.#ring.waitAsync();
     }
   }
 }

@@ -3,11 +3,10 @@
 // xfs (data device and realtime), tmpfs, overlayfs.
 
 import assert from "node:assert/strict";
-import { backingDeviceOf, filesystemOf } from "../../ffi/blkdev.ts";
+import { backingDeviceOf, BlockDeviceError, filesystemOf } from "../../ffi/blkdev.ts";
 import { close, O_RDONLY, open } from "../../ffi/libc.ts";
 import { dataLayoutProblem, filesystemEligibility } from "../../lib/eligibility.ts";
 import { FS_COMPR_FL, FS_ENCRYPT_FL, FS_JOURNAL_DATA_FL } from "../../ffi/blkdev.ts";
-import { UserError } from "../../lib/errors.ts";
 import {
   type FsKind,
   hasCommand,
@@ -114,7 +113,7 @@ Deno.test({
       withFd(path, (fd) => {
         assert.equal(filesystemOf(fd, path).name, "tmpfs");
         assert.throws(() => backingDeviceOf(fd, path), (e: unknown) => {
-          assert.ok(e instanceof UserError);
+          assert.ok(e instanceof BlockDeviceError);
           assert.match(e.message, /^tmpfs has no block device: /);
           return true;
         });

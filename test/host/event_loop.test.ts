@@ -5,14 +5,8 @@
 // the loop device read at the extent's physical offset, `du` for allocation.
 
 import assert from "node:assert/strict";
-import { IoUring } from "../../ffi/io_uring.ts";
-import { close, O_DIRECT, O_RDWR, open } from "../../ffi/libc.ts";
 import { EAGAIN, EINTR, EIO, ENOSPC } from "../../ffi/errno.ts";
 import {
-  IO_DESC_NR_SECTORS,
-  IO_DESC_OP_FLAGS,
-  IO_DESC_SIZE,
-  IO_DESC_START_SECTOR,
   UBLK_IO_F_FUA,
   UBLK_IO_F_NOUNMAP,
   UBLK_IO_OP_DISCARD,
@@ -21,15 +15,10 @@ import {
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
 } from "../../ffi/ublk_cmd.ts";
-import {
-  Counter,
-  createSharedState,
-  Mode,
-  type QueueConfig,
-  QueueEngine,
-  readLastError,
-  SEG_MAX,
-} from "../../lib/event_loop.ts";
+import { Counter } from "../../lib/queue_state.ts";
+import { SEG_MAX } from "../../lib/request.ts";
+import type { CopyBuffers } from "../../lib/request_data.ts";
+import { DEPTH, Harness, MAX_IO } from "./engine_harness.ts";
 import {
   filefrag,
   isRoot,
@@ -42,89 +31,6 @@ import {
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const DEPTH = 4;
-const MAX_IO = 1 * MiB;
-
-/** An engine on `file` with a descriptor area the test fills, and a completion recorder. */
-class Harness {
-  readonly ring = IoUring.setup(64, { sqe128: true, cqe32: true });
-  readonly descBytes = new ArrayBuffer(DEPTH * IO_DESC_SIZE);
-  readonly desc = new DataView(this.descBytes);
-  readonly done = new Map<number, number>();
-  readonly engine: QueueEngine;
-  readonly fileFd: number;
-  readonly backingFd: number;
-  /**
-   * Fault injection: rewrites a backend completion's result before the engine sees it (the IO
-   * itself really happened), as a kernel returning EINTR or a short count would.
-   */
-  rewrite: ((userData: number, res: number) => number) | null = null;
-
-  constructor(file: string, device: string, fileSizeBytes: number, mode: number = Mode.fast) {
-    this.fileFd = open(file, O_RDWR | O_DIRECT);
-    this.backingFd = open(device, O_RDWR | O_DIRECT);
-    const cfg: QueueConfig = {
-      devId: 0,
-      queueId: 0,
-      queues: 1,
-      depth: DEPTH,
-      maxIoBytes: MAX_IO,
-      charFd: -1,
-      fileFd: this.fileFd,
-      filePath: file,
-      backingFd: this.backingFd,
-      fileSizeBytes,
-      logicalBlockSize: 512,
-      readOnly: false,
-      mode: mode as QueueConfig["mode"],
-      maxExtents: 1024,
-      eventFd: -1,
-      poisonByte: -1,
-      sab: createSharedState(1),
-    };
-    this.engine = new QueueEngine(cfg, this.ring, this.desc, {
-      complete: (tag, result) => this.done.set(tag, result),
-    });
-  }
-
-  /** Posts a request in `tag`'s descriptor and runs the loop until it completes. */
-  serve(tag: number, op: number, offset: number, length: number, flags = 0): number {
-    const base = tag * IO_DESC_SIZE;
-    this.desc.setUint32(base + IO_DESC_OP_FLAGS, op | flags, true);
-    this.desc.setUint32(base + IO_DESC_NR_SECTORS, length / 512, true);
-    this.desc.setBigUint64(base + IO_DESC_START_SECTOR, BigInt(offset / 512), true);
-    this.done.delete(tag);
-    this.engine.handleRequest(tag);
-    while (!this.done.has(tag)) {
-      this.ring.submitAndWait(1);
-      this.ring.reapCqes((ud, res) =>
-        this.engine.onBackendCqe(ud, this.rewrite ? this.rewrite(ud, res) : res)
-      );
-      this.engine.runDeferred();
-    }
-    return this.done.get(tag)!;
-  }
-
-  /** The bytes of `tag`'s buffer. */
-  buffer(tag: number, length: number): Uint8Array {
-    return this.engine.buffers.bytes.slice(tag * MAX_IO, tag * MAX_IO + length);
-  }
-
-  fill(tag: number, data: Uint8Array): void {
-    this.engine.buffers.bytes.set(data, tag * MAX_IO);
-  }
-
-  counter(k: number): number {
-    return this.engine.views.counters[k]!;
-  }
-
-  close(): void {
-    this.engine.close();
-    this.ring.close();
-    close(this.fileFd);
-    close(this.backingFd);
-  }
-}
 
 const root = isRoot();
 
@@ -196,6 +102,37 @@ Deno.test({
 });
 
 Deno.test({
+  name: "engine without the filesystem's device (not eligible) serves everything through the file",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      await run("truncate", ["-s", "1M", file]);
+      await writeAt(file, 0, patternBytes(256 * KiB, 11));
+      const h = new Harness(file, fs.device, MiB, { withoutDevice: true });
+      try {
+        // Data and hole alike are read through the file (no extent map to read zeros from).
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, 512 * KiB), 512 * KiB);
+        const want = new Uint8Array(512 * KiB);
+        want.set(patternBytes(256 * KiB, 11));
+        assert.deepEqual(h.buffer(0, 512 * KiB), want);
+        const b = patternBytes(128 * KiB, 12);
+        h.fill(1, b);
+        assert.equal(h.serve(1, UBLK_IO_OP_WRITE, 64 * KiB, b.length), b.length);
+        assert.equal(h.serve(2, UBLK_IO_OP_FLUSH, 0, 0), 0);
+        assert.deepEqual(await readDirect(file, 64 * KiB, b.length), b);
+        assert.equal(h.counter(Counter.bytesReadFile), 512 * KiB);
+        assert.equal(h.counter(Counter.bytesWrittenFile), b.length);
+        assert.equal(h.counter(Counter.bytesReadDirect) + h.counter(Counter.bytesWrittenDirect), 0);
+        assert.equal(h.counter(Counter.bytesReadZero), 0);
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
+
+Deno.test({
   name: "engine fails a request past the end of the file with EIO and keeps serving",
   ignore: !root,
   async fn() {
@@ -207,7 +144,7 @@ Deno.test({
         assert.equal(h.serve(0, UBLK_IO_OP_READ, 60 * KiB, 8 * KiB), -EIO);
         assert.equal(h.counter(Counter.errors), 1);
         assert.equal(h.counter(Counter.errorsEio), 1);
-        const last = readLastError(h.engine.views);
+        const last = h.engine.shared.lastError();
         assert.equal(last?.errno, "EIO");
         assert.equal(last?.op, "read");
         assert.equal(last?.offsetBytes, 60 * KiB);
@@ -247,7 +184,7 @@ Deno.test({
         assert.equal(h.counter(Counter.errors), 1);
         assert.equal(h.counter(Counter.errorsEnospc), 1);
         assert.equal(h.counter(Counter.errorsEio), 0);
-        const last = readLastError(h.engine.views);
+        const last = h.engine.shared.lastError();
         assert.equal(last?.errno, "ENOSPC");
         assert.equal(last?.op, "write");
         assert.equal(last?.offsetBytes, failedAt);
@@ -344,7 +281,7 @@ Deno.test({
       const frag = await filefrag(file);
       assert.ok(frag.extents.length > SEG_MAX, `${frag.extents.length} extents`);
       const size = Math.min(MAX_IO, blocks * 4 * KiB);
-      const h = new Harness(file, fs.device, blocks * 4 * KiB, Mode.fast);
+      const h = new Harness(file, fs.device, blocks * 4 * KiB);
       try {
         assert.equal(h.serve(0, UBLK_IO_OP_READ, 0, size), size);
         assert.deepEqual(h.buffer(0, size), data.subarray(0, size));
@@ -357,23 +294,16 @@ Deno.test({
 });
 
 Deno.test({
-  name:
-    "engine with registered buffers (FASTLOOP_FIXED_BUFFERS=1) reads and writes every tag's bytes",
+  name: "engine with registered buffers (fixedBuffers) reads and writes every tag's bytes",
   ignore: !root,
   async fn() {
     await withFilesystem("ext4", {}, async (fs) => {
       const file = `${fs.dir}/img`;
       const data = patternBytes(2 * MiB, 9);
       await writeAt(file, 0, data);
-      Deno.env.set("FASTLOOP_FIXED_BUFFERS", "1");
-      let h: Harness;
+      const h = new Harness(file, fs.device, 2 * MiB, { fixedBuffers: true });
       try {
-        h = new Harness(file, fs.device, 2 * MiB);
-      } finally {
-        Deno.env.delete("FASTLOOP_FIXED_BUFFERS");
-      }
-      try {
-        assert.ok(h.engine.fixedBuffers, "the buffers were registered");
+        assert.ok((h.engine.data as CopyBuffers).fixed, "the buffers were registered");
         // Every tag, so a wrong buffer index shows (READ_FIXED outside its buffer is EFAULT).
         for (let tag = 0; tag < DEPTH; tag++) {
           const at = tag * 256 * KiB;

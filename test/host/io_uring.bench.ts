@@ -23,7 +23,7 @@ const onCqe = (userData: number, res: number) => {
 };
 
 function nopRoundTrip(r: IoUring, batch: number): void {
-  for (let i = 0; i < batch; i++) r.prepNop(r.getSqe(), i);
+  for (let i = 0; i < batch; i++) r.prepNop(r.sqe(), i);
   let reaped = 0;
   while (reaped < batch) {
     r.submitAndWait(batch - reaped);
@@ -79,7 +79,7 @@ Deno.bench(
   "4 KiB O_DIRECT random read, io_uring QD1",
   { group: "read-qd1", baseline: true, ignore: fd < 0 },
   () => {
-    ring.prepRead(ring.getSqe(), fd, bufs.address, 4096, nextBlock() * 4096, 1);
+    ring.prepRead(ring.sqe(), fd, bufs.address, 4096, nextBlock() * 4096, 1);
     while (ring.reapCqes(onCqe) === 0) ring.submitAndWait(1);
   },
 );
@@ -89,7 +89,7 @@ Deno.bench("32 x 4 KiB O_DIRECT random reads, io_uring QD32 (per batch)", {
   ignore: fd < 0,
 }, () => {
   for (let i = 0; i < 32; i++) {
-    ring.prepRead(ring.getSqe(), fd, bufs.address + BigInt(i * 4096), 4096, nextBlock() * 4096, i);
+    ring.prepRead(ring.sqe(), fd, bufs.address + BigInt(i * 4096), 4096, nextBlock() * 4096, i);
   }
   let reaped = 0;
   while (reaped < 32) {

@@ -1,0 +1,144 @@
+//! A queue's records of its requests (`lib/event_loop.ts` fills and serves them): one `Request`
+//! per tag, preallocated and reused for every request of that tag, holding its `Segment`s, one per
+//! backend operation. `user_data` names a segment, so a completion finds its record directly;
+//! it is a small integer (no BigInt, no heap number per CQE).
+
+import {
+  IO_DESC_NR_SECTORS,
+  IO_DESC_OP_FLAGS,
+  IO_DESC_SIZE,
+  IO_DESC_START_SECTOR,
+} from "../ffi/ublk_cmd.ts";
+import { ErrorPath } from "./queue_state.ts";
+
+// --- user_data ----------------------------------------------------------------------------------
+// The ublk command of a tag: the tag. Backend IO: UD_BACKEND | segment << 12 | tag (depth is at
+// most 4096 tags: 12 bits). The doorbell read: UD_DOORBELL.
+
+export const UD_BACKEND = 1 << 20;
+export const UD_TAG_MASK = 0xfff;
+export const UD_SEG_SHIFT = 12;
+export const UD_DOORBELL = 1 << 21;
+/** Backend operations a request may have in flight at once (the segment field is 8 bits). */
+export const SEG_MAX = 256;
+
+/** No request in the tag. */
+export const OP_NONE = 255;
+
+/** What a segment does (the one switch in the engine's `#submit`). */
+export const SegKind = { read: 0, write: 1, fsync: 2, fallocate: 3, zeroWrite: 4 } as const;
+export type SegKind = (typeof SegKind)[keyof typeof SegKind];
+
+/** Where a byte range goes (the engine's `#route`). */
+export const Route = { device: 0, file: 1, zeros: 2 } as const;
+export type Route = (typeof Route)[keyof typeof Route];
+
+/** Why a whole request goes through the file (beyond the kinds of its extents). */
+export const Why = { none: 0, fileMode: 1, notEligible: 2, punching: 3, fiemapFailed: 4 } as const;
+export type Why = (typeof Why)[keyof typeof Why];
+
+/** `#route`'s answer for the piece at a position (one per queue, reused). */
+export interface Placement {
+  route: Route;
+  /** Offset on the device (Route.device). */
+  deviceOffset: number;
+  /** Bytes from the position that go the same way. */
+  lengthBytes: number;
+}
+
+/** One backend operation: everything needed to issue it again. */
+export class Segment {
+  kind: SegKind = SegKind.read;
+  fd = -1;
+  /** Offset on `fd` (for fallocate: the start of the range). */
+  fdOffset = 0;
+  /** Offset in the request's data. */
+  dataOffset = 0;
+  lengthBytes = 0;
+  /** On the filesystem's device: counted for drains and fences. */
+  direct = false;
+  /** fallocate's mode, or the RWF_* flags of a write. */
+  flags = 0;
+  constructor(readonly userData: number) {}
+}
+
+/** What a queue knows of the request in one tag. */
+export class Request {
+  op = OP_NONE;
+  flags = 0;
+  offset = 0;
+  length = 0;
+  /** Bytes of a read/write already mapped into segments. */
+  cursor = 0;
+  /** Backend operations in flight, and those of them on the device. */
+  pending = 0;
+  direct = 0;
+  segCount = 0;
+  /** The first -errno, and where it happened. */
+  error = 0;
+  errorPath: number = ErrorPath.server;
+  /** Some of it went through the file: the mapping there may have changed. */
+  viaFile = false;
+  /** Why the whole request goes through the file (Why.none: extent by extent). */
+  fileOnly: Why = Why.none;
+  /** DISCARD / WRITE_ZEROES: waiting for overlapping direct IO; punching; its fence slot. */
+  deferred = false;
+  punching = false;
+  punchSlot = -1;
+  readonly segments: Segment[] = [];
+  constructor(readonly tag: number) {}
+
+  /** Starts the tag's next request from its descriptor (`desc`: the queue's descriptor area). */
+  readDescriptor(desc: DataView): void {
+    const at = this.tag * IO_DESC_SIZE;
+    const opFlags = desc.getUint32(at + IO_DESC_OP_FLAGS, true);
+    // u64 as two halves: no BigInt on the request path.
+    const sector = desc.getUint32(at + IO_DESC_START_SECTOR, true) +
+      desc.getUint32(at + IO_DESC_START_SECTOR + 4, true) * 0x1_0000_0000;
+    this.op = opFlags & 0xff;
+    this.flags = opFlags;
+    this.offset = sector * 512;
+    this.length = desc.getUint32(at + IO_DESC_NR_SECTORS, true) * 512;
+    this.cursor = 0;
+    this.pending = 0;
+    this.direct = 0;
+    this.segCount = 0;
+    this.error = 0;
+    this.errorPath = ErrorPath.server;
+    this.viaFile = false;
+  }
+
+  /**
+   * The request's next segment, filled in. The records are grown on first use and kept: only the
+   * first requests that need that many allocate.
+   */
+  addSegment(
+    kind: SegKind,
+    fd: number,
+    fdOffset: number,
+    dataOffset: number,
+    lengthBytes: number,
+    direct: boolean,
+    flags: number,
+  ): Segment {
+    const i = this.segCount++;
+    while (this.segments.length <= i) {
+      const n = this.segments.length;
+      this.segments.push(new Segment(UD_BACKEND | (n << UD_SEG_SHIFT) | this.tag));
+    }
+    const seg = this.segments[i]!;
+    seg.kind = kind;
+    seg.fd = fd;
+    seg.fdOffset = fdOffset;
+    seg.dataOffset = dataOffset;
+    seg.lengthBytes = lengthBytes;
+    seg.direct = direct;
+    seg.flags = flags;
+    return seg;
+  }
+
+  /** Does the request cover any byte of [offset, offset + length)? */
+  overlaps(offset: number, length: number): boolean {
+    return this.offset < offset + length && offset < this.offset + this.length;
+  }
+}
