@@ -135,6 +135,17 @@ function mountOf(major: number, minor: number): { type: string; options: string[
   return undefined;
 }
 
+/**
+ * The filesystem's block device cannot be found or opened. `errno` is the open's when that is
+ * what failed (null when the device is not in /sys or /dev at all), so callers can tell a
+ * container's EACCES from a missing node.
+ */
+export class BlockDeviceError extends UserError {
+  constructor(message: string, exitCode: ExitCode, readonly errno: number | null) {
+    super(message, exitCode);
+  }
+}
+
 export interface BackingDevice {
   /** `/dev/NAME`, checked to be the block device `major:minor`. */
   devicePath: string;
@@ -163,14 +174,20 @@ export function backingDeviceOf(fd: number, path: string): BackingDevice {
     uevent = Deno.readTextFileSync(`${sys}/uevent`);
   } catch {
     const fs = filesystemOf(fd, path).name;
-    throw new UserError(
+    throw new BlockDeviceError(
       `${fs} has no block device: ${path} is on device ${major}:${minor}, which is not in ` +
         `/sys/dev/block`,
+      ExitCode.badInput,
+      null,
     );
   }
   const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
   if (name === undefined) {
-    throw new UserError(`Cannot name the block device ${major}:${minor} of ${path}: no DEVNAME`);
+    throw new BlockDeviceError(
+      `Cannot name the block device ${major}:${minor} of ${path}: no DEVNAME`,
+      ExitCode.badInput,
+      null,
+    );
   }
   const devicePath = `/dev/${name}`;
   const devFd = openBlockDevice(devicePath, major, minor);
@@ -200,13 +217,18 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     fd = open(devicePath, O_RDONLY);
   } catch (e) {
     if (e instanceof SyscallError && e.errno === ENOENT) {
-      throw new UserError(`Block device ${devicePath} (${major}:${minor}) is missing from /dev`);
+      throw new BlockDeviceError(
+        `Block device ${devicePath} (${major}:${minor}) is missing from /dev`,
+        ExitCode.badInput,
+        ENOENT,
+      );
     }
     if (e instanceof SyscallError) {
       // EPERM/EACCES: not root, or a container that hides the host's disks.
-      throw new UserError(
+      throw new BlockDeviceError(
         `Cannot open the filesystem's block device: ${e.message}`,
         e.errno === EPERM || e.errno === EACCES ? ExitCode.permission : ExitCode.badInput,
+        e.errno,
       );
     }
     throw e;
@@ -216,7 +238,11 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     (st.mode & S_IFMT) !== S_IFBLK || devMajor(st.rdev) !== major || devMinor(st.rdev) !== minor
   ) {
     close(fd);
-    throw new UserError(`${devicePath} is not block device ${major}:${minor}`);
+    throw new BlockDeviceError(
+      `${devicePath} is not block device ${major}:${minor}`,
+      ExitCode.badInput,
+      null,
+    );
   }
   return fd;
 }

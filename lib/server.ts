@@ -48,6 +48,7 @@ import {
 } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
+import { type DirectPathOff, openDirectDevice } from "./direct_path.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
 import {
@@ -146,6 +147,7 @@ class Server {
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
   #baseMode: Mode = "file";
   #baseReason = "";
+  #directPathOff: DirectPathOff | null = null;
   #mode: Mode = "file";
   #lease: LeaseType = "none";
   #filesystem = "";
@@ -206,6 +208,7 @@ class Server {
       file: record.file.path,
       mode: this.#mode,
       reason: this.#baseReason || undefined,
+      directPathOff: this.#directPathOff ?? undefined,
       filesystem: this.#filesystem,
       backingDevice: this.#backingDevice,
       pid: Deno.pid,
@@ -309,23 +312,14 @@ class Server {
     const eligibility = filesystemEligibility(fd, o.filePath);
     this.#filesystem = eligibility.filesystem;
     this.#backingDevice = eligibility.device?.devicePath ?? null;
-    let backingFd = -1;
-    this.#baseMode = "file";
-    this.#baseReason = eligibility.reason ?? `${eligibility.filesystem} is not eligible`;
-    if (eligibility.eligible && eligibility.device) {
-      const devPath = eligibility.device.devicePath;
-      try {
-        backingFd = open(devPath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
-        const bfd = backingFd;
-        this.#pushUndo(`close ${devPath}`, () => close(bfd));
-        this.#baseMode = "fast";
-        this.#baseReason = "";
-      } catch (e) {
-        if (!(e instanceof SyscallError)) throw e;
-        // E.g. a container without access to the device node: still correct through the file.
-        this.#baseReason = `cannot open the filesystem's device: ${e.message}`;
-      }
-    }
+    // Not opening it (a container, a kernel refusing writes to mounted devices) is still correct
+    // through the file; `lib/direct_path.ts` says why, for the log and `stat`.
+    const direct = await openDirectDevice(eligibility, o.readOnly);
+    const backingFd = direct.fd ?? -1;
+    if (direct.fd !== null) this.#pushUndo(`close ${direct.devicePath}`, () => close(backingFd));
+    this.#baseMode = direct.fd !== null ? "fast" : "file";
+    this.#baseReason = direct.fd !== null ? "" : direct.reason;
+    this.#directPathOff = direct.fd !== null ? null : direct.code;
     log(
       this.#baseMode === "fast"
         ? `${eligibility.filesystem} on ${eligibility.device?.devicePath}: direct path enabled`
@@ -607,6 +601,7 @@ class Server {
       mode: this.#mode,
       baseMode: this.#baseMode,
       modeReason: this.#baseReason || undefined,
+      directPathOff: this.#directPathOff ?? undefined,
       lease: this.#lease,
       leaseKernel: this.#fileFd >= 0 ? safe(() => getLease(this.#fileFd)) : undefined,
       leaseBreaks: this.#leaseBreaks,
