@@ -314,7 +314,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
 
 /** One engine run of `cell` in a child process under `strace -c -f`: its summary and counts. */
 async function straceRun(t: EngineTarget, cell: Cell, runtime: string) {
-  const self = new URL(import.meta.url).pathname;
+  const self = decodeURIComponent(new URL(import.meta.url).pathname);
   const out = await new Deno.Command("strace", {
     args: [
       ...["-f", "-c", Deno.execPath(), "run", "--allow-all", "--no-check", self],

@@ -149,11 +149,16 @@ export interface BackingDevice {
 }
 
 /**
- * Why the filesystem's block device cannot be found or used: a fact for the caller to weigh (for
- * fastloop, a reason the direct path is off), not an error of the program.
+ * The filesystem's block device cannot be found or opened: a fact for the caller to weigh (for
+ * fastloop, a reason the direct path is off), not an error of the program. `errno` is the open's
+ * when that is what failed (null when the device is not in /sys or /dev at all), so callers can
+ * tell a container's EACCES from a missing node.
  */
 export class BlockDeviceError extends Error {
   override name = "BlockDeviceError";
+  constructor(message: string, readonly errno: number | null) {
+    super(message);
+  }
 }
 
 /**
@@ -173,12 +178,14 @@ export function backingDeviceOf(fd: number, path: string): BackingDevice {
     throw new BlockDeviceError(
       `${fs} has no block device: ${path} is on device ${major}:${minor}, which is not in ` +
         `/sys/dev/block`,
+      null,
     );
   }
   const name = /^DEVNAME=(.+)$/m.exec(uevent)?.[1];
   if (name === undefined) {
     throw new BlockDeviceError(
       `Cannot name the block device ${major}:${minor} of ${path}: no DEVNAME`,
+      null,
     );
   }
   const devicePath = `/dev/${name}`;
@@ -211,11 +218,15 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     if (e instanceof SyscallError && e.errno === ENOENT) {
       throw new BlockDeviceError(
         `Block device ${devicePath} (${major}:${minor}) is missing from /dev`,
+        ENOENT,
       );
     }
     if (e instanceof SyscallError) {
       // EPERM/EACCES: not root, or a container that hides the host's disks.
-      throw new BlockDeviceError(`Cannot open the filesystem's block device: ${e.message}`);
+      throw new BlockDeviceError(
+        `Cannot open the filesystem's block device: ${e.message}`,
+        e.errno,
+      );
     }
     throw e;
   }
@@ -224,7 +235,10 @@ function openBlockDevice(devicePath: string, major: number, minor: number): numb
     (st.mode & S_IFMT) !== S_IFBLK || devMajor(st.rdev) !== major || devMinor(st.rdev) !== minor
   ) {
     close(fd);
-    throw new BlockDeviceError(`${devicePath} is not block device ${major}:${minor}`);
+    throw new BlockDeviceError(
+      `${devicePath} is not block device ${major}:${minor}`,
+      null,
+    );
   }
   return fd;
 }

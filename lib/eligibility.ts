@@ -32,6 +32,7 @@ import {
   FIEMAP_EXTENT_UNKNOWN,
   FIEMAP_EXTENT_UNWRITTEN,
 } from "../ffi/fiemap.ts";
+import { DirectPathOff, openErrnoCode } from "./direct_path.ts";
 
 /** How a range of the file is served. Small integers: the extent cache stores them in a Uint8Array. */
 export const ExtentKind = {
@@ -156,6 +157,8 @@ export interface Eligibility {
   filesystem: string;
   /** Why not, when not eligible. */
   reason?: string;
+  /** The same as a stable code, when not eligible (`lib/direct_path.ts`). */
+  directPathOff?: DirectPathOff;
   /** The filesystem's block device, when it has one (also for some ineligible ones). */
   device?: BackingDevice;
 }
@@ -216,32 +219,51 @@ export function filesystemEligibility(fd: number, path: string): Eligibility {
   const fs = filesystemOf(fd, path);
   const known = fs.magic === EXT4_SUPER_MAGIC || fs.magic === XFS_SUPER_MAGIC;
   let device: BackingDevice | undefined;
-  let deviceProblem: string | undefined;
+  let deviceProblem: BlockDeviceError | undefined;
   try {
     device = backingDeviceOf(fd, path);
   } catch (e) {
     if (!(e instanceof BlockDeviceError)) throw e;
-    deviceProblem = e.message;
+    deviceProblem = e;
   }
+  const notEligible = DirectPathOff.filesystemNotEligible;
   if (!known) {
     const reason = NOT_ELIGIBLE[fs.name] ??
       `${fs.name}: not known to report FIEMAP offsets on one block device`;
-    return { eligible: false, filesystem: fs.name, reason, device };
+    return { eligible: false, filesystem: fs.name, reason, directPathOff: notEligible, device };
   }
   if (fs.magic === XFS_SUPER_MAGIC && (fsxattrFlags(fd, path) & FS_XFLAG_REALTIME)) {
     return {
       eligible: false,
       filesystem: fs.name,
       reason: "xfs realtime file: its extents are on the realtime device, not the data device",
+      directPathOff: notEligible,
       device,
     };
   }
   const fileProblem = dataLayoutProblem(fs.name, fs.options, inodeFlags(fd, path));
   if (fileProblem !== undefined) {
-    return { eligible: false, filesystem: fs.name, reason: fileProblem, device };
+    return {
+      eligible: false,
+      filesystem: fs.name,
+      reason: fileProblem,
+      directPathOff: notEligible,
+      device,
+    };
   }
   if (device === undefined) {
-    return { eligible: false, filesystem: fs.name, reason: deviceProblem };
+    return {
+      eligible: false,
+      filesystem: fs.name,
+      reason: deviceProblem?.message,
+      directPathOff: deviceProblemCode(deviceProblem),
+    };
   }
   return { eligible: true, filesystem: fs.name, device };
+}
+
+/** The code for a device that could not even be looked up or opened for reading. */
+function deviceProblemCode(e: BlockDeviceError | undefined): DirectPathOff {
+  const errno = e?.errno ?? null;
+  return errno === null ? DirectPathOff.deviceMissing : openErrnoCode(errno);
 }

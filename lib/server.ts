@@ -42,6 +42,7 @@ import {
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
+import { type DirectPathOff, openDirectDevice } from "./direct_path.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
 import type { Mode } from "./queue_state.ts";
@@ -115,6 +116,7 @@ class Server {
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
   #baseMode: Mode = "file";
   #baseReason = "";
+  #directPathOff: DirectPathOff | null = null;
   #mode: Mode = "file";
   #lease: LeaseType = "none";
   #filesystem = "";
@@ -175,6 +177,7 @@ class Server {
       file: record.file.path,
       mode: this.#mode,
       reason: this.#baseReason || undefined,
+      directPathOff: this.#directPathOff ?? undefined,
       filesystem: this.#filesystem,
       backingDevice: this.#backingDevice,
       pid: Deno.pid,
@@ -292,7 +295,7 @@ class Server {
   }
 
   /** Where the data lives, and whether IO may go there directly (`lib/eligibility.ts`). */
-  #findDirectPath(): void {
+  async #findDirectPath(): Promise<void> {
     const o = this.#opts;
     const eligibility = filesystemEligibility(this.#fileFd, o.filePath);
     this.#filesystem = eligibility.filesystem;
@@ -301,21 +304,15 @@ class Server {
       logical: eligibility.device?.logicalBlockSize ?? 512,
       physical: eligibility.device?.physicalBlockSize ?? 4096,
     };
-    this.#baseReason = eligibility.reason ?? `${eligibility.filesystem} is not eligible`;
-    if (eligibility.eligible && eligibility.device) {
-      const devPath = eligibility.device.devicePath;
-      try {
-        const bfd = open(devPath, (o.readOnly ? O_RDONLY : O_RDWR) | O_DIRECT);
-        this.#backingFd = bfd;
-        this.#pushUndo(`close ${devPath}`, () => close(bfd));
-        this.#baseMode = "fast";
-        this.#baseReason = "";
-      } catch (e) {
-        if (!(e instanceof SyscallError)) throw e;
-        // E.g. a container without access to the device node: still correct through the file.
-        this.#baseReason = `cannot open the filesystem's device: ${e.message}`;
-      }
-    }
+    // Not opening it (a container, a kernel refusing writes to mounted devices) is still correct
+    // through the file; `lib/direct_path.ts` says why, for the log and `stat`.
+    const direct = await openDirectDevice(eligibility, o.readOnly);
+    const backingFd = direct.fd ?? -1;
+    this.#backingFd = backingFd;
+    if (direct.fd !== null) this.#pushUndo(`close ${direct.devicePath}`, () => close(backingFd));
+    this.#baseMode = direct.fd !== null ? "fast" : "file";
+    this.#baseReason = direct.fd !== null ? "" : direct.reason;
+    this.#directPathOff = direct.fd !== null ? null : direct.code;
     log(
       this.#baseMode === "fast"
         ? `${eligibility.filesystem} on ${eligibility.device?.devicePath}: direct path enabled`
@@ -614,6 +611,7 @@ class Server {
       mode: this.#mode,
       baseMode: this.#baseMode,
       modeReason: this.#baseReason || undefined,
+      directPathOff: this.#directPathOff ?? undefined,
       lease: this.#lease,
       leaseKernel: this.#fileFd >= 0 ? safe(() => getLease(this.#fileFd)) : undefined,
       leaseBreaks: this.#leaseBreaks,

@@ -171,6 +171,14 @@ echo "$nonce" >"$ov/etc/fastloop/nonce"
   # Colours in the console stream make logs and deno's summary lines hard to parse.
   if [ ! -t 1 ]; then echo 'export NO_COLOR=1'; fi
   echo "export DENO_DIR=$deno_dir_vm"
+  # init mounts tmpfs on /tmp and /run, which hides a tree placed under them (a clone in /tmp):
+  # show it again, at the same path, from a view of the initramfs without those mounts.
+  printf 'tree=%q\n' "$root"
+  echo 'if [ ! -e "$tree/main.ts" ]; then'
+  echo '  { mkdir -p /.initramfs "$tree" && mount --bind / /.initramfs &&'
+  echo '    mount --bind "/.initramfs$tree" "$tree"; } ||'
+  echo '    { echo "vm: cannot show the tree at $tree again" >&2; exit 127; }'
+  echo 'fi'
   echo 'cd /fastloop'
   printf 'exec'
   printf ' %q' "$@"

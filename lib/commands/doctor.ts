@@ -9,6 +9,11 @@ import { IoUring } from "../../ffi/io_uring.ts";
 import { featureNames, hasFeature, UBLK_F_USER_RECOVERY } from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
 import { quotePath } from "../registry.ts";
+import {
+  readWriteMountedSetting,
+  WRITE_MOUNTED_FIX,
+  type WriteMountedSetting,
+} from "../direct_path.ts";
 
 export interface DoctorCheck {
   name: string;
@@ -33,6 +38,8 @@ export interface DoctorReport {
   };
   ioUringDisabled: number | null;
   root: boolean;
+  /** bdev_allow_write_mounted: may a mounted filesystem's device be opened for writing? */
+  bdevWriteMounted: WriteMountedSetting;
   checks: DoctorCheck[];
 }
 
@@ -53,7 +60,7 @@ function ublkModuleAvailability(release: string): DoctorReport["ublk"]["moduleAv
   return "absent";
 }
 
-export function runChecks(): DoctorReport {
+export async function runChecks(): Promise<DoctorReport> {
   const kernel = Deno.osRelease();
   const checks: DoctorCheck[] = [];
   const root = geteuid() === 0;
@@ -157,6 +164,22 @@ export function runChecks(): DoctorReport {
       "sysctl -w fs.leases-enable=1 (without leases fastloop serves everything through the file)",
     required: false,
   });
+  // Optional: without it a read-write attach still works, through the file.
+  const writeMounted = await readWriteMountedSetting(kernel);
+  checks.push({
+    name: "write-mounted",
+    ok: writeMounted.allowed !== false,
+    detail: writeMounted.allowed === true
+      ? `the kernel opens a mounted filesystem's device for writing (${writeMounted.source}): ` +
+        "the direct path works for read-write attaches"
+      : writeMounted.allowed === false
+      ? `the kernel refuses to open a mounted filesystem's device for writing ` +
+        `(${writeMounted.source}): read-write attaches serve everything through the file`
+      : `unknown whether the kernel opens a mounted filesystem's device for writing ` +
+        `(${writeMounted.source}); 'fastloop map FILE' tries the file's device`,
+    fix: WRITE_MOUNTED_FIX,
+    required: false,
+  });
   checks.push({
     name: "FIEMAP",
     ok: true,
@@ -178,6 +201,7 @@ export function runChecks(): DoctorReport {
     },
     ioUringDisabled,
     root,
+    bdevWriteMounted: writeMounted,
     checks,
   };
 }
@@ -204,14 +228,16 @@ export const command: Command = {
 
 Reports what the running kernel offers fastloop: the kernel release, whether ublk is present
 (/dev/ublk-control, the ublk_drv module) and its feature bits (UBLK_U_CMD_GET_FEATURES, by
-name), whether io_uring is enabled, whether fastloop runs as root, and lease support; for
-each missing piece, the fix.
+name), whether io_uring is enabled, whether fastloop runs as root, lease support, and whether
+the kernel opens a mounted filesystem's device for writing (bdev_allow_write_mounted, from the
+kernel command line, else CONFIG_BLK_DEV_WRITE_MOUNTED in the kernel config; refused, a
+read-write attach serves everything through the file); for each missing piece, the fix.
 
 Options:
   --json   print the report as JSON
 
 Exit status: 0 when fastloop can run here, 5 when something it needs is missing.`,
-  run(args: string[]): Promise<number> {
+  async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs("doctor", args, {
       json: { type: "boolean" },
     });
@@ -221,8 +247,8 @@ Exit status: 0 when fastloop can run here, 5 when something it needs is missing.
         ExitCode.usage,
       );
     }
-    const report = runChecks();
+    const report = await runChecks();
     console.log(values.json ? JSON.stringify(report, null, 2) : render(report));
-    return Promise.resolve(report.canRun ? ExitCode.ok : ExitCode.unsupported);
+    return report.canRun ? ExitCode.ok : ExitCode.unsupported;
   },
 };

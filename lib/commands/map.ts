@@ -23,6 +23,7 @@ import {
   filesystemEligibility,
 } from "../eligibility.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
+import { DirectPathOff, probeDirectWrite } from "../direct_path.ts";
 import { quotePath } from "../registry.ts";
 import { notRegularFileKind, osErrorText, pseudoFilesystemName } from "../validate.ts";
 
@@ -31,8 +32,11 @@ const HELP = `Usage: fastloop map FILE [--json]
 Shows FILE's extents as the filesystem reports them (FIEMAP, after syncing the file; the same
 extents and units as 'filefrag -v'), and for each one whether fastloop reads and writes it
 directly on the filesystem's block device, reads it as zeros, or goes through the file, and why.
-Ends with a summary: backing device, filesystem, whether it is eligible for the direct path, and
-the share of the file on the fast path.
+Ends with a summary: backing device, filesystem, whether it is eligible for the direct path,
+whether a read-write attach can open the filesystem's device (it is opened for writing and closed
+at once, as attach would; nothing is written) and if not why (a kernel that refuses to open a
+mounted filesystem's device for writing: boot with bdev_allow_write_mounted=1 or use one built
+with CONFIG_BLK_DEV_WRITE_MOUNTED=y), and the share of the file on the fast path.
 
 Mapping opens FILE read-only: if it is attached, its server gives up direct writes (or its
 lease) for that, and takes the lease back after this command exits. A lease holder that does
@@ -42,6 +46,11 @@ Options:
   --json      Print one JSON object instead of the table (field names are stable):
                 file, sizeBytes, blockSize (filesystem block: the unit of the *Block fields),
                 filesystem, eligible, ineligibleReason (string or null),
+                deviceWritable (a read-write attach can open the device: true | false, null
+                when not eligible), directPathOff (why a read-write attach would go through
+                the file: "filesystem-not-eligible" | "bdev-write-mounted-refused" |
+                "device-busy" | "device-permission-denied" | "device-missing" |
+                "device-open-failed", or null), directPathOffReason (string or null),
                 device: { path, major, minor, partition, sizeBytes, logicalBlockSize,
                           physicalBlockSize } or null,
                 extents: [{ index, logicalBytes, physicalBytes, lengthBytes, logicalBlock,
@@ -55,7 +64,9 @@ Options:
                         the file: read as zeros, written through the file),
                 summary: { directBytes, unwrittenBytes, holeBytes, viaFileBytes,
                            fastPathBytes (read and written directly), fastPathShare (0..1) }
-                (byte counts cover [0, sizeBytes); extents past the end are listed, not counted)
+                (byte counts cover [0, sizeBytes); extents past the end are listed, not counted;
+                the extents' and the summary's verdicts hold once the device opens: with
+                deviceWritable false a read-write attach serves all of it through the file)
   -h, --help  Show this help
 
 Exit codes: 0 ok, 2 bad flags, 3 FILE missing or not a regular file or has no extent map,
@@ -85,6 +96,11 @@ export interface MapReport {
   filesystem: string;
   eligible: boolean;
   ineligibleReason: string | null;
+  /** Whether a read-write attach can open the device (O_RDWR | O_DIRECT); null: not eligible. */
+  deviceWritable: boolean | null;
+  /** Why a read-write attach would serve everything through the file (a `DirectPathOff`). */
+  directPathOff: DirectPathOff | null;
+  directPathOffReason: string | null;
   device: {
     path: string;
     major: number;
@@ -167,8 +183,8 @@ function openRegularFile(path: string): number {
   return fd;
 }
 
-/** Builds the report for `path` (exported for tests and for `stat`). */
-export function mapFile(path: string): MapReport {
+/** Builds the report for `path` (exported for tests). */
+export async function mapFile(path: string): Promise<MapReport> {
   const fd = openRegularFile(path);
   const name = quotePath(path);
   try {
@@ -188,7 +204,16 @@ export function mapFile(path: string): MapReport {
       }
       throw e;
     }
-    return buildReport(path, sizeBytes, fs.blockSize, eligibility, extents);
+    const report = buildReport(path, sizeBytes, fs.blockSize, eligibility, extents);
+    if (eligibility.eligible) {
+      const probe = await probeDirectWrite(eligibility);
+      report.deviceWritable = probe.writable;
+      if (!probe.writable) {
+        report.directPathOff = probe.code;
+        report.directPathOffReason = probe.reason;
+      }
+    }
+    return report;
   } finally {
     close(fd);
   }
@@ -271,6 +296,11 @@ function buildReport(
     filesystem: eligibility.filesystem,
     eligible: eligibility.eligible,
     ineligibleReason: eligibility.eligible ? null : eligibility.reason ?? null,
+    deviceWritable: null,
+    directPathOff: eligibility.eligible
+      ? null
+      : eligibility.directPathOff ?? DirectPathOff.filesystemNotEligible,
+    directPathOffReason: eligibility.eligible ? null : eligibility.reason ?? null,
     device: dev
       ? {
         path: dev.devicePath,
@@ -315,9 +345,7 @@ export function formatReport(r: MapReport): string {
           `${d.physicalBlockSize})`
         : " (no usable block device)"),
   );
-  lines.push(
-    `Direct path: ${r.eligible ? "eligible" : `not eligible: ${r.ineligibleReason ?? "unknown"}`}`,
-  );
+  lines.push(directPathLine(r));
   lines.push(
     ` ext:     logical_offset:        physical_offset: length:        bytes: flags:` +
       `                 read:  write:  why not`,
@@ -339,10 +367,22 @@ export function formatReport(r: MapReport): string {
     `${r.extents.length} extent${r.extents.length === 1 ? "" : "s"}, ${r.holes.length} ` +
       `hole${r.holes.length === 1 ? "" : "s"}.`,
   );
-  lines.push(
-    `Fast path: ${pct(s.fastPathBytes)} of the file (${s.fastPathBytes} bytes read and written ` +
-      `directly)`,
-  );
+  if (r.deviceWritable === false) {
+    // The extents say what a device that opens would get; a read-write attach gets none of it.
+    // Reading stays allowed: a read-only attach opens the device O_RDONLY and goes direct.
+    lines.push(
+      `Fast path: none for a read-write attach (the device does not open for writing)` +
+        (r.directPathOff === DirectPathOff.bdevWriteMountedRefused
+          ? `; a --read-only attach reads ${pct(s.fastPathBytes)} of the file ` +
+            `(${s.fastPathBytes} bytes) directly`
+          : ""),
+    );
+  } else {
+    lines.push(
+      `Fast path: ${pct(s.fastPathBytes)} of the file (${s.fastPathBytes} bytes read and ` +
+        `written directly)`,
+    );
+  }
   lines.push(
     `Zeros: ${s.holeBytes} bytes of holes and ${s.unwrittenBytes} unwritten (read as zeros, ` +
       `written through the file); through the file: ${s.viaFileBytes} bytes`,
@@ -350,10 +390,24 @@ export function formatReport(r: MapReport): string {
   return lines.join("\n");
 }
 
+/** "Direct path: …": eligible or not, and whether a read-write attach can open the device. */
+function directPathLine(r: MapReport): string {
+  if (!r.eligible) {
+    return `Direct path: not eligible (${r.directPathOff ?? "?"}): ${
+      r.ineligibleReason ?? "unknown"
+    }`;
+  }
+  if (r.deviceWritable === false) {
+    return `Direct path: eligible, but off for a read-write attach (${r.directPathOff}): ` +
+      `${r.directPathOffReason}`;
+  }
+  return `Direct path: eligible (${r.device?.path} opens for writing)`;
+}
+
 export const command: Command = {
   summary: "Show a file's extents and which of them fastloop can serve directly",
   help: HELP,
-  run(args: string[]): Promise<number> {
+  async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs("map", args, {
       json: { type: "boolean" },
     });
@@ -362,8 +416,8 @@ export const command: Command = {
         `map: expected exactly one FILE, got ${positionals.length} (see 'fastloop map --help')`,
       );
     }
-    const report = mapFile(positionals[0]!);
+    const report = await mapFile(positionals[0]!);
     console.log(values.json ? JSON.stringify(report, null, 2) : formatReport(report));
-    return Promise.resolve(ExitCode.ok);
+    return ExitCode.ok;
   },
 };

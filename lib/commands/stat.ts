@@ -29,10 +29,17 @@ table with its operation, offset and path); then where each device's server logs
 A device whose server died shows its server as recovering (or crash-loop, when servers keep
 dying before they serve) and a line under the table: how often and how its servers died, since
 when its IO waits, and when the next server starts; IO waits meanwhile, nothing fails.
+A device that serves everything through the file has a line under the table saying why, e.g.
+"ublkb0: direct path off (bdev-write-mounted-refused): the kernel refuses to open a mounted
+filesystem's device for writing (...): boot with bdev_allow_write_mounted=1, or use a kernel
+built with CONFIG_BLK_DEV_WRITE_MOUNTED=y".
 Prints nothing (JSON: []) when no device is attached.
 
 Options:
-  --json       print a JSON array, one object per device
+  --json       print a JSON array, one object per device; "modeReason" says why the direct
+               path is off and "directPathOff" names it: filesystem-not-eligible,
+               bdev-write-mounted-refused, device-busy, device-permission-denied,
+               device-missing, device-open-failed (absent while the direct path is on)
   -h, --help   show this help`;
 
 export const command: Command = {
@@ -54,9 +61,10 @@ export const command: Command = {
       console.log(table(rows));
       for (const row of rows) {
         const name = String(row["device"] ?? "-").replace(/^\/dev\//, "");
-        if (typeof row["note"] === "string") console.log(`${name}: ${row["note"]}`);
-        const last = lastErrorLine(row);
-        if (last) console.log(last);
+        const note = typeof row["note"] === "string" ? `${name}: ${row["note"]}` : null;
+        for (const line of [note, directPathLine(row), lastErrorLine(row)]) {
+          if (line) console.log(line);
+        }
       }
       console.log(logLines(rows));
     }
@@ -257,6 +265,20 @@ function errorsCell(row: Row): string {
   return `${total}(${kinds.join(",")})`;
 }
 
+/**
+ * `ublkb0: direct path off (bdev-write-mounted-refused): the kernel refuses …`: why a device
+ * serves everything through the file, for devices whose base mode is `file`.
+ */
+function directPathLine(row: Row): string | null {
+  if (row["baseMode"] !== "file" || typeof row["modeReason"] !== "string") return null;
+  const code = typeof row["directPathOff"] === "string" ? ` (${row["directPathOff"]})` : "";
+  return `${deviceName(row)}: direct path off${code}: ${row["modeReason"]}`;
+}
+
+function deviceName(row: Row): string {
+  return String(row["device"] ?? "-").replace(/^\/dev\//, "");
+}
+
 /** `ublkb0: last error EIO on write of 4096 bytes at offset 1048576 (direct), at TIME`. */
 function lastErrorLine(row: Row): string | null {
   const e = (row["counters"] as Record<string, unknown> | undefined)?.["lastError"] as
@@ -264,9 +286,8 @@ function lastErrorLine(row: Row): string | null {
     | null
     | undefined;
   if (!e) return null;
-  const name = String(row["device"] ?? "-").replace(/^\/dev\//, "");
-  return `${name}: last error ${e["errno"]} on ${e["op"]} of ${e["lengthBytes"]} bytes at offset ` +
-    `${e["offsetBytes"]} (${e["path"]}), at ${e["at"]}`;
+  return `${deviceName(row)}: last error ${e["errno"]} on ${e["op"]} of ${e["lengthBytes"]} ` +
+    `bytes at offset ${e["offsetBytes"]} (${e["path"]}), at ${e["at"]}`;
 }
 
 function sum(a: number | undefined, b: number | undefined): number | undefined {

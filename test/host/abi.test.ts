@@ -11,8 +11,8 @@
 
 import assert from "node:assert/strict";
 
-const ABI_DIR = new URL("../../scripts/abi/", import.meta.url).pathname;
-const FFI_DIR = new URL("../../ffi/", import.meta.url).pathname;
+const ABI_DIR = decodeURIComponent(new URL("../../scripts/abi/", import.meta.url).pathname);
+const FFI_DIR = decodeURIComponent(new URL("../../ffi/", import.meta.url).pathname);
 
 interface AbiReport {
   module: string;
@@ -140,7 +140,7 @@ for (const name of programs) {
 function newerHeaders(): { dirs: string[]; version: string } | { skip: string } {
   if (Deno.env.get("FASTLOOP_ABI_NEWER") === "0") return { skip: "FASTLOOP_ABI_NEWER=0" };
   if (!haveCc) return { skip: "no C compiler" };
-  const cacheDir = new URL("../../.cache/", import.meta.url).pathname;
+  const cacheDir = decodeURIComponent(new URL("../../.cache/", import.meta.url).pathname);
   try {
     const out = new Deno.Command("bash", {
       args: [`${ABI_DIR}newer-headers.sh`, cacheDir],

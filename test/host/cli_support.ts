@@ -5,7 +5,9 @@
 import assert from "node:assert/strict";
 import { pathExists } from "../../ffi/libc.ts";
 
-export const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+/** The source tree, no trailing slash (decoded: the clone's path may hold a space). */
+export const ROOT = decodeURIComponent(new URL("../../", import.meta.url).pathname).slice(0, -1);
+export const MAIN = `${ROOT}/main.ts`;
 
 export const HAS_UBLK = pathExists("/dev/ublk-control");
 
@@ -31,11 +33,10 @@ export async function fastloop(args: string[], opts: FastloopOptions): Promise<R
   let argv = ["run", "--allow-all", "--no-check", "--quiet", MAIN, ...args];
   const env: Record<string, string> = { FASTLOOP_RUN_DIR: opts.runDir, NO_COLOR: "1" };
   if (opts.asUser !== undefined) {
-    // Deno needs a cache directory the unprivileged user may write.
-    env["DENO_DIR"] = `${opts.runDir}/deno-dir`;
-    Deno.mkdirSync(env["DENO_DIR"], { recursive: true, mode: 0o777 });
-    Deno.chmodSync(env["DENO_DIR"], 0o777);
-    argv = [`--reuid=${opts.asUser}`, `--regid=${opts.asUser}`, "--clear-groups", program, ...argv];
+    const tree = unprivilegedTree();
+    env["DENO_DIR"] = tree.denoDir;
+    const user = [`--reuid=${opts.asUser}`, `--regid=${opts.asUser}`, "--clear-groups"];
+    argv = [...user, tree.deno, "run", "--allow-all", "--no-check", "--quiet", tree.main, ...args];
     program = "setpriv";
   } else if (opts.dropDac) {
     const caps = "-dac_override,-dac_read_search";
@@ -52,6 +53,68 @@ export async function fastloop(args: string[], opts: FastloopOptions): Promise<R
   }).output();
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+/** Can a user who is neither owner nor in the group reach and execute `path` (mode bits only)? */
+function othersCanExecute(path: string): boolean {
+  const real = Deno.realPathSync(path);
+  if (((Deno.statSync(real).mode ?? 0) & 0o001) === 0) return false;
+  for (
+    let dir = real.slice(0, real.lastIndexOf("/"));
+    dir !== "";
+    dir = dir.slice(0, dir.lastIndexOf("/"))
+  ) {
+    if (((Deno.statSync(dir).mode ?? 0) & 0o001) === 0) return false;
+  }
+  return true;
+}
+
+/** Copies the files under `from` (recursively) to `to`, world-readable whatever their mode was. */
+function copyReadable(from: string, to: string): void {
+  Deno.mkdirSync(to, { recursive: true });
+  Deno.chmodSync(to, 0o755);
+  for (const e of Deno.readDirSync(from)) {
+    if (e.isDirectory) copyReadable(`${from}/${e.name}`, `${to}/${e.name}`);
+    else if (e.isFile) {
+      Deno.copyFileSync(`${from}/${e.name}`, `${to}/${e.name}`);
+      Deno.chmodSync(`${to}/${e.name}`, 0o644);
+    }
+  }
+}
+
+let unprivileged: { main: string; deno: string; denoDir: string } | null = null;
+
+/**
+ * What a user without privileges runs fastloop from: a world-readable copy of the sources in a
+ * 0755 directory of its own, and the deno binary, copied too when others cannot reach it. The
+ * tree itself may be where that user cannot read it (a clone under /root, mode 0700; a umask of
+ * 077): Deno would then fail to import main.ts before fastloop could refuse the user. Made once
+ * per test process, removed when it ends.
+ */
+function unprivilegedTree(): { main: string; deno: string; denoDir: string } {
+  if (unprivileged) return unprivileged;
+  const dir = Deno.makeTempDirSync({ prefix: "fastloop-unprivileged-" });
+  globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+  Deno.chmodSync(dir, 0o755);
+  const tree = `${dir}/tree`;
+  copyReadable(`${ROOT}/lib`, `${tree}/lib`);
+  copyReadable(`${ROOT}/ffi`, `${tree}/ffi`);
+  for (const f of ["main.ts", "deno.json"]) {
+    Deno.copyFileSync(`${ROOT}/${f}`, `${tree}/${f}`);
+    Deno.chmodSync(`${tree}/${f}`, 0o644);
+  }
+  let deno = Deno.execPath();
+  if (!othersCanExecute(deno)) {
+    deno = `${dir}/deno`;
+    Deno.copyFileSync(Deno.execPath(), deno);
+    Deno.chmodSync(deno, 0o755);
+  }
+  // Deno needs a cache directory the user may write.
+  const denoDir = `${dir}/deno-dir`;
+  Deno.mkdirSync(denoDir);
+  Deno.chmodSync(denoDir, 0o777);
+  unprivileged = { main: `${tree}/main.ts`, deno, denoDir };
+  return unprivileged;
 }
 
 /** Longest stderr line accepted: a message quoting a huge argument must cut it short. */

@@ -13,7 +13,7 @@ export function testDir(): string {
   try {
     if (Deno.statSync("/var/tmp").isDirectory) return "/var/tmp";
   } catch { /* fall through */ }
-  const dir = new URL("../../.cache/test", import.meta.url).pathname;
+  const dir = decodeURIComponent(new URL("../../.cache/test", import.meta.url).pathname);
   Deno.mkdirSync(dir, { recursive: true });
   return dir;
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 
-const root = new URL("../../", import.meta.url).pathname;
+const root = decodeURIComponent(new URL("../../", import.meta.url).pathname);
 
 async function run(cmd: string[], env: Record<string, string> = {}) {
   const out = await new Deno.Command(cmd[0]!, {

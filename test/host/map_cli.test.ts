@@ -19,7 +19,7 @@ import {
   withTmpfs,
 } from "./fs_fixtures.ts";
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+const MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
 const root = isRoot();
 
 function fastloop(...args: string[]): Promise<CommandResult> {

@@ -27,7 +27,7 @@
 import assert from "node:assert/strict";
 import { lastDurable } from "./records.ts";
 
-const ROOT = new URL("../../", import.meta.url).pathname;
+const ROOT = decodeURIComponent(new URL("../../", import.meta.url).pathname);
 const kernels = (Deno.env.get("FASTLOOP_TEST_KERNELS") ?? "6.12 7.3").split(/\s+/).filter(Boolean);
 const VM_TIMEOUT_S = Deno.env.get("FASTLOOP_VM_TIMEOUT") ?? "900";
 

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 
-const MAIN = new URL("../../main.ts", import.meta.url).pathname;
+const MAIN = decodeURIComponent(new URL("../../main.ts", import.meta.url).pathname);
 
 interface Report {
   kernel: string;
