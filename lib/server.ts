@@ -39,6 +39,7 @@ import {
   open,
   POSIX_FADV_DONTNEED,
 } from "../ffi/libc.ts";
+import { serveControlSocket } from "./control_socket.ts";
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { filesystemEligibility } from "./eligibility.ts";
@@ -83,7 +84,6 @@ interface Transition {
   why: string;
 }
 
-const encoder = new TextEncoder();
 const MAX_TRANSITIONS_KEPT = 32;
 const LEASE_RETRY_FIRST_MS = 1000;
 const LEASE_RETRY_MAX_MS = 8000;
@@ -366,22 +366,8 @@ class Server {
   }
 
   #openControlSocket(): void {
-    const sock = socketPath(this.#device!.id);
-    try {
-      Deno.removeSync(sock);
-    } catch {
-      // No stale socket.
-    }
-    const listener = Deno.listen({ transport: "unix", path: sock });
-    Deno.chmodSync(sock, 0o600);
-    this.#pushUndo("close the control socket", () => {
-      try {
-        listener.close();
-      } catch {
-        // Already closed.
-      }
-    });
-    this.#serveControl(listener);
+    const socket = serveControlSocket(socketPath(this.#device!.id), (r) => this.#control(r));
+    this.#pushUndo("close the control socket", () => socket.close());
   }
 
   /** The record that names this server, its supervisor and the socket: the device is ours. */
@@ -541,50 +527,7 @@ class Server {
 
   // --- control socket -----------------------------------------------------------------------
 
-  async #serveControl(listener: Deno.UnixListener): Promise<void> {
-    try {
-      for await (const conn of listener) this.#handleConn(conn);
-    } catch (e) {
-      if (!this.#stopping) log(`control socket failed: ${(e as Error).message}`);
-    }
-  }
-
-  async #handleConn(conn: Deno.UnixConn): Promise<void> {
-    const decoder = new TextDecoder();
-    let pending = "";
-    const buf = new Uint8Array(4096);
-    try {
-      for (;;) {
-        const n = await conn.read(buf);
-        if (n === null) return;
-        pending += decoder.decode(buf.subarray(0, n), { stream: true });
-        let nl: number;
-        while ((nl = pending.indexOf("\n")) >= 0) {
-          const line = pending.slice(0, nl);
-          pending = pending.slice(nl + 1);
-          const reply = await this.#handleRequest(line);
-          await conn.write(encoder.encode(JSON.stringify(reply) + "\n"));
-        }
-        if (pending.length > 65536) return; // Not a client of ours.
-      }
-    } catch {
-      // Client went away.
-    } finally {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    }
-  }
-
-  async #handleRequest(line: string): Promise<Record<string, unknown>> {
-    let request: { cmd?: unknown };
-    try {
-      request = JSON.parse(line);
-    } catch {
-      return { ok: false, error: "Malformed request" };
-    }
+  async #control(request: { cmd?: unknown }): Promise<Record<string, unknown>> {
     switch (request.cmd) {
       case "ping":
         return { ok: true, pid: Deno.pid };
