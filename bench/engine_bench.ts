@@ -214,6 +214,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     maxExtents: 1 << 20,
     eventFd: -1,
     poisonByte: -1,
+    dataMode: "copy",
     fixedBuffers,
     ringMode: "defer",
     pollUs: 0,

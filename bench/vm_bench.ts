@@ -125,6 +125,32 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
+/** The ublk device id the peer server gets (fastloop's own devices take the lowest free ids). */
+const PEER_ID = 9;
+
+async function waitForNode(path: string): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    try {
+      Deno.statSync(path);
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  throw new Error(`${path} did not appear`);
+}
+
+/** Does this kernel offer ublk zero copy (UBLK_F_AUTO_BUF_REG, bit 11 of GET_FEATURES)? */
+async function zeroCopyOffered(): Promise<boolean> {
+  const out = await sh("fastloop doctor --json", false);
+  try {
+    const features = JSON.parse(out).ublk.features as string | null;
+    return features !== null && (BigInt(features) & (1n << 11n)) !== 0n;
+  } catch {
+    return false;
+  }
+}
+
 async function fastloopAvailable(): Promise<boolean> {
   const r = await new Deno.Command("fastloop", { args: ["doctor"], stdout: "null", stderr: "null" })
     .output().catch(() => null);
@@ -163,16 +189,41 @@ async function main() {
         };
       },
     ];
+    const zeroCopy = await zeroCopyOffered();
     if (await fastloopAvailable()) {
-      targets.push(async () => {
-        const dev = (await sh(`fastloop attach ${backingFile}`)).trim();
-        return {
-          target: { name: "fastloop", device: dev, offset: 0, size: region },
-          cleanup: async () => void await sh(`fastloop detach ${dev}`),
-        };
-      });
+      // Each data mode the kernel offers, named (lib/request_data.ts).
+      const modes = zeroCopy ? [["zero copy", "1"], ["copy", "0"]] : [["copy", "0"]];
+      for (const [mode, env] of modes) {
+        targets.push(async () => {
+          const dev = (await sh(`FASTLOOP_ZERO_COPY=${env} fastloop attach ${backingFile}`)).trim();
+          return {
+            target: { name: `fastloop (${mode})`, device: dev, offset: 0, size: region },
+            cleanup: async () => void await sh(`fastloop detach ${dev}`),
+          };
+        });
+      }
     } else {
       console.error("bench: fastloop cannot attach on this kernel (fastloop doctor failed)");
+    }
+    // ublksrv, the C reference server, when one was built outside the project and handed in
+    // (scripts/vm.sh --with DIR): its loop target, and with zero copy where the kernel has it.
+    if ((await sh("command -v ublk", false)).trim() !== "") {
+      for (const zc of zeroCopy ? [false, true] : [false]) {
+        targets.push(async () => {
+          await sh(`ublk add -t loop -f ${backingFile} -n ${PEER_ID} ${zc ? "-z" : ""}`);
+          const dev = `/dev/ublkb${PEER_ID}`;
+          await waitForNode(dev);
+          return {
+            target: {
+              name: `ublksrv loop${zc ? " (zero copy)" : ""}`,
+              device: dev,
+              offset: 0,
+              size: region,
+            },
+            cleanup: async () => void await sh(`ublk del -n ${PEER_ID}`),
+          };
+        });
+      }
     }
 
     const results = new Map<string, Map<string, Sample[]>>();
@@ -198,7 +249,9 @@ async function main() {
       }
     }
     let table = render(kernel, region, names, results);
-    if (!opts.only) table += "\n" + await sparseCopyScenario(targets.length > 3);
+    if (!opts.only) {
+      table += "\n" + await sparseCopyScenario(names.some((n) => n.startsWith("fastloop")));
+    }
     console.log(table);
     await Deno.mkdir(opts.out!, { recursive: true });
     const file = `${opts.out}/bench-${kernel}-${new Date().toISOString().slice(0, 19)}.md`;

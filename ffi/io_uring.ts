@@ -163,6 +163,9 @@ export const IORING_UNREGISTER_EVENTFD = 5;
 export const IORING_REGISTER_FILES_UPDATE = 6;
 export const IORING_REGISTER_EVENTFD_ASYNC = 7;
 export const IORING_REGISTER_PROBE = 8;
+export const IORING_REGISTER_BUFFERS2 = 15;
+/** io_uring_rsrc_register.flags: a table of `nr` empty slots (filled later, e.g. by ublk). */
+export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 export const IO_URING_OP_SUPPORTED = 1 << 0;
 
 // ---- struct io_sqring_offsets (40 bytes), inside io_uring_params at 40 ----
@@ -224,6 +227,13 @@ export const CQE_FLAGS = 12; // __u32 flags
 export const CQE_BIG = 16; // __u64 big_cqe[] (16 more bytes with CQE32)
 export const CQE_SIZE = 16; // sizeof(struct io_uring_cqe)
 export const CQE32_SIZE = 32;
+
+// ---- struct io_uring_rsrc_register (for IORING_REGISTER_BUFFERS2, 32 bytes) ----
+export const RSRC_REGISTER_NR = 0; // __u32 nr
+export const RSRC_REGISTER_FLAGS = 4; // __u32 flags
+export const RSRC_REGISTER_DATA = 16; // __aligned_u64 data
+export const RSRC_REGISTER_TAGS = 24; // __aligned_u64 tags
+export const RSRC_REGISTER_SIZE = 32; // sizeof(struct io_uring_rsrc_register)
 
 // ---- struct iovec (for IORING_REGISTER_BUFFERS) ----
 const IOVEC_BASE = 0; // void *iov_base
@@ -645,6 +655,21 @@ export class IoUring {
     this.#setU64(sqe + SQE_USER_DATA, userData);
   }
 
+  /**
+   * Makes a prepared SQE name registered file `index` (see `registerFiles`) instead of an fd:
+   * the kernel then skips looking the fd up and taking a reference on every operation.
+   */
+  useFixedFile(sqe: number, index: number): void {
+    const v = this.sqeView;
+    v.setInt32(sqe + SQE_FD, index, true);
+    v.setUint8(sqe + SQE_FLAGS, v.getUint8(sqe + SQE_FLAGS) | IOSQE_FIXED_FILE);
+  }
+
+  /** Sets sqe->addr of a prepared SQE (a uring_cmd's driver-specific argument). */
+  setSqeAddr(sqe: number, addr: number): void {
+    this.#setU64(sqe + SQE_ADDR, addr);
+  }
+
   /** Sets sqe->flags (IOSQE_FIXED_FILE, IOSQE_IO_LINK, …) on a prepared SQE. */
   setSqeFlags(sqe: number, flags: number): void {
     this.sqeView.setUint8(sqe + SQE_FLAGS, flags);
@@ -802,6 +827,29 @@ export class IoUring {
       this.#register(IORING_REGISTER_FILES, buf.address, fds.length, "REGISTER_FILES");
     } finally {
       buf.free();
+    }
+  }
+
+  /**
+   * A fixed-buffer table of `nr` empty slots (IORING_REGISTER_BUFFERS2, sparse, Linux 5.19+), for
+   * buffers the kernel installs itself: ublk's UBLK_F_AUTO_BUF_REG puts each request's pages in
+   * slot `tag` before the request arrives and takes them out at commit.
+   */
+  registerSparseBuffers(nr: number): void {
+    const arg = new AlignedBuffer(RSRC_REGISTER_SIZE);
+    try {
+      const v = new DataView(arg.bytes.buffer);
+      v.setUint32(RSRC_REGISTER_NR, nr, true);
+      v.setUint32(RSRC_REGISTER_FLAGS, IORING_RSRC_REGISTER_SPARSE, true);
+      // nr_args is the size of the struct for the *2 opcodes.
+      this.#register(
+        IORING_REGISTER_BUFFERS2,
+        arg.address,
+        RSRC_REGISTER_SIZE,
+        "REGISTER_BUFFERS2",
+      );
+    } finally {
+      arg.free();
     }
   }
 

@@ -53,7 +53,9 @@ export const IO_CMD_ADDR = 8; // __u64 addr: the tag's buffer in our address spa
 /**
  * Fills `sqe` (from `ring.sqe()`) with ublk IO command `cmdOp` (FETCH_REQ, COMMIT_AND_FETCH_REQ)
  * for `tag` of queue `queueId` on /dev/ublkcN (`charFd`). `result` is the committed request's
- * bytes or -errno; `addr` the tag's buffer, a number (no BigInt on the IO path).
+ * bytes or -errno; `addr` the tag's buffer (0 with zero copy), a number (no BigInt on the IO
+ * path); `sqeAddr` goes into sqe->addr: with UBLK_F_AUTO_BUF_REG the `ublk_auto_buf_reg` of the
+ * next request (`autoBufReg`), otherwise 0.
  */
 export function prepIoCommand(
   ring: IoUring,
@@ -64,9 +66,11 @@ export function prepIoCommand(
   tag: number,
   result: number,
   addr: number,
+  sqeAddr: number,
   userData: number,
 ): void {
   const p = ring.prepUringCmd(sqe, charFd, cmdOp, userData);
+  if (sqeAddr !== 0) ring.setSqeAddr(sqe, sqeAddr);
   const v = ring.sqeView;
   v.setUint16(p + IO_CMD_Q_ID, queueId, true);
   v.setUint16(p + IO_CMD_TAG, tag, true);
@@ -120,6 +124,19 @@ export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = iowr(UBLK_IO_COMMIT_AND_FETCH_REQ,
 export const UBLK_U_IO_NEED_GET_DATA = iowr(UBLK_IO_NEED_GET_DATA, IO_CMD_SIZE);
 export const UBLK_U_IO_REGISTER_IO_BUF = iowr(0x23, IO_CMD_SIZE);
 export const UBLK_U_IO_UNREGISTER_IO_BUF = iowr(0x24, IO_CMD_SIZE);
+
+// --- struct ublk_auto_buf_reg, carried in sqe->addr of FETCH / COMMIT_AND_FETCH (7.x) ---------
+// bits 0-15 index, 16-23 flags, 24-31 reserved0, 32-63 reserved1 (ublk_auto_buf_reg_to_sqe_addr).
+export const AUTO_BUF_REG_INDEX_SHIFT = 0;
+export const AUTO_BUF_REG_FLAGS_SHIFT = 16;
+/** Complete the fetch with UBLK_IO_F_NEED_REG_BUF instead of failing when registration fails. */
+export const UBLK_AUTO_BUF_REG_FALLBACK = 1 << 0;
+export const UBLK_IO_F_NEED_REG_BUF = 1 << 17;
+
+/** sqe->addr asking the driver to register the next request's buffer at fixed-buffer `index`. */
+export function autoBufReg(index: number, flags = 0): number {
+  return (index << AUTO_BUF_REG_INDEX_SHIFT) | (flags << AUTO_BUF_REG_FLAGS_SHIFT);
+}
 
 /** Result of a fetch CQE: a request is in the descriptor. */
 export const UBLK_IO_RES_OK = 0;

@@ -16,7 +16,9 @@ import {
   UBLK_ATTR_FUA,
   UBLK_ATTR_READ_ONLY,
   UBLK_ATTR_VOLATILE_CACHE,
+  UBLK_F_AUTO_BUF_REG,
   UBLK_F_CMD_IOCTL_ENCODE,
+  UBLK_F_SUPPORT_ZERO_COPY,
   UBLK_F_USER_RECOVERY,
   UBLK_F_USER_RECOVERY_REISSUE,
   UBLK_IO_BUF_MAX_BYTES,
@@ -28,6 +30,7 @@ import { UblkControl } from "./ublk_control.ts";
 import {
   Counter,
   createSharedState,
+  type DataMode,
   type LastError,
   MbOp,
   type Mode,
@@ -93,6 +96,8 @@ export interface Device {
   maxIoBytes: number;
   flags: bigint;
   features: bigint;
+  /** How request data reaches the backend: zero copy (UBLK_F_AUTO_BUF_REG) or copy. */
+  dataMode: DataMode;
   setMode(mode: Mode): Promise<void>;
   counters(): DeviceCounters;
   stop(): Promise<void>;
@@ -107,6 +112,8 @@ export interface Device {
 const DEFAULT_MAX_EXTENTS = 1 << 20;
 /** Largest discard / write-zeroes request: one fallocate each, no buffer involved. */
 const MAX_DISCARD_BYTES = 1 << 30;
+/** The largest request with zero copy: fio's and the page cache's 1 MiB IO in one piece. */
+const ZERO_COPY_MAX_IO_BYTES = 1 << 20;
 /** How long a stopped queue may take to see its last ABORT before it is told to quit. */
 const QUEUE_EXIT_TIMEOUT_MS = 10_000;
 
@@ -173,6 +180,7 @@ class UblkDevice implements Device {
   readonly maxIoBytes: number;
   readonly flags: bigint;
   readonly features: bigint;
+  readonly dataMode: DataMode;
   readonly #ctl: UblkControl;
   readonly #opts: DeviceOptions;
   readonly #q: Queue[];
@@ -199,6 +207,7 @@ class UblkDevice implements Device {
     this.maxIoBytes = info.maxIoBufBytes;
     this.flags = info.flags;
     this.features = features;
+    this.dataMode = dataModeOf(info.flags);
     this.#charFd = charFd;
     this.#q = queues;
   }
@@ -429,10 +438,14 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
           flags |= BigInt(UBLK_F_USER_RECOVERY_REISSUE);
         }
       }
+      // Zero copy where the kernel offers it: no data buffers in the server, so buffer memory
+      // no longer bounds the largest request either.
+      const zeroCopy = zeroCopyWanted(features);
+      if (zeroCopy) flags |= BigInt(UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_AUTO_BUF_REG);
       info = await ctl.addDevice({
         queues: opts.queues,
         depth: opts.depth,
-        maxIoBytes: opts.maxIoBytes,
+        maxIoBytes: zeroCopy ? ZERO_COPY_MAX_IO_BYTES : opts.maxIoBytes,
         flags,
       });
       added = true;
@@ -480,6 +493,8 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       readOnly: opts.readOnly,
       mode: opts.mode,
       maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
+      // A recovered device keeps the data mode it was created with.
+      dataMode: dataModeOf(info.flags),
       poisonByte: opts.poisonByte ?? -1,
       ...benchmarkSwitches(),
       sab,
@@ -527,6 +542,20 @@ async function teardown(
   } finally {
     ctl.close();
   }
+}
+
+/** The data mode of a device created with `flags` (dev_info.flags). */
+export function dataModeOf(flags: bigint): DataMode {
+  return hasFeature(flags, UBLK_F_AUTO_BUF_REG) ? "zero-copy" : "copy";
+}
+
+/**
+ * Zero copy for a new device when the kernel has UBLK_F_AUTO_BUF_REG (6.16+);
+ * FASTLOOP_ZERO_COPY=0 keeps the copy mode (tests and benchmarks compare the two).
+ */
+function zeroCopyWanted(features: bigint): boolean {
+  return hasFeature(features, UBLK_F_AUTO_BUF_REG | UBLK_F_SUPPORT_ZERO_COPY) &&
+    Deno.env.get("FASTLOOP_ZERO_COPY") !== "0";
 }
 
 /**

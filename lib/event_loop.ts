@@ -92,7 +92,10 @@ import {
   UD_TAG_MASK,
   Why,
 } from "./request.ts";
-import { CopyBuffers, type RequestData } from "./request_data.ts";
+import { AutoRegisteredBuffers, CopyBuffers, type RequestData } from "./request_data.ts";
+
+/** The registered file index of /dev/ublkcN (see the engine's `#files`). */
+const FILE_CHAR = 0;
 
 /** Where a finished request goes: COMMIT_AND_FETCH in the ublk loop, a recorder in tests. */
 export interface Completer {
@@ -120,6 +123,8 @@ export class QueueEngine {
   readonly #fence: PunchFence;
   readonly #requests: Request[] = [];
   readonly #place: Placement = { route: Route.file, deviceOffset: 0, lengthBytes: 0 };
+  /** The ring's registered files (index = position; -1 slots are empty). */
+  readonly #files: number[];
   /** Zeros for the partial blocks of WRITE_ZEROES (two filesystem blocks at most). */
   readonly #zeros: AlignedBuffer;
   /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
@@ -151,7 +156,12 @@ export class QueueEngine {
       (offset, length) => this.#cache?.invalidate(offset, length),
       () => this.#cache?.clear(),
     );
-    this.data = new CopyBuffers(ring, cfg.depth, cfg.maxIoBytes, cfg.fixedBuffers);
+    this.data = cfg.dataMode === "zero-copy"
+      ? new AutoRegisteredBuffers(ring, cfg.depth)
+      : new CopyBuffers(ring, cfg.depth, cfg.maxIoBytes, cfg.fixedBuffers);
+    // Registered files: the kernel skips the fd lookup and reference per operation.
+    this.#files = [cfg.charFd, cfg.backingFd, cfg.fileFd, this.data.zeroFd];
+    ring.registerFiles(this.#files);
     this.#zeros = new AlignedBuffer(Math.max(2 * this.#fsBlockBytes, 4096));
     // No FIEMAP_FLAG_SYNC: the server writes only with O_DIRECT and holds the lease, so nothing
     // of the file is dirty in the page cache; delalloc extents are classified via-file.
@@ -282,15 +292,16 @@ export class QueueEngine {
       const pos = req.offset + req.cursor;
       const p = this.#route(req, pos);
       const len = p.lengthBytes;
-      if (p.route === Route.zeros) {
+      if (p.route === Route.zeros) c[Counter.bytesReadZero]! += len;
+      if (p.route === Route.zeros && this.data.fillZeros(req.tag, req.cursor, len)) {
         if (run !== null) this.#submit(req, run);
         run = null;
-        this.data.fillZeros(req.tag, req.cursor, len);
-        c[Counter.bytesReadZero]! += len;
       } else {
+        // Zeros not written in place are read from /dev/zero (its offsets mean nothing: the
+        // request's own keep runs together).
         const direct = p.route === Route.device;
-        const fd = direct ? cfg.backingFd : cfg.fileFd;
-        const fdOffset = direct ? p.deviceOffset : pos;
+        const fd = direct ? cfg.backingFd : p.route === Route.zeros ? this.data.zeroFd : cfg.fileFd;
+        const fdOffset = direct ? p.deviceOffset : p.route === Route.zeros ? req.cursor : pos;
         if (run !== null && run.fd === fd && run.fdOffset + run.lengthBytes === fdOffset) {
           run.lengthBytes += len;
         } else {
@@ -299,11 +310,13 @@ export class QueueEngine {
           const flags = write && (req.flags & UBLK_IO_F_FUA) !== 0 ? RWF_DSYNC : 0;
           run = req.addSegment(kind, fd, fdOffset, req.cursor, len, direct, flags);
         }
-        c[
-          direct
-            ? (write ? Counter.bytesWrittenDirect : Counter.bytesReadDirect)
-            : (write ? Counter.bytesWrittenFile : Counter.bytesReadFile)
-        ]! += len;
+        if (p.route !== Route.zeros) {
+          c[
+            direct
+              ? (write ? Counter.bytesWrittenDirect : Counter.bytesReadDirect)
+              : (write ? Counter.bytesWrittenFile : Counter.bytesReadFile)
+          ]! += len;
+        }
         if (!direct && write) {
           req.viaFile = true;
           this.#fileDirty = true;
@@ -415,6 +428,7 @@ export class QueueEngine {
         ring.prepFallocate(sqe, seg.fd, seg.flags, seg.fdOffset, seg.lengthBytes, seg.userData);
         break;
     }
+    ring.useFixedFile(sqe, this.#files.indexOf(seg.fd));
     req.pending++;
     this.backendInflight++;
     if (seg.direct) {
@@ -583,8 +597,12 @@ function filesystemBlockBytes(cfg: QueueConfig): number {
 export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => void): void {
   const ring = setupQueueRing(cfg.depth, cfg.ringMode);
   const command = (op: number, tag: number, result: number) => {
-    const addr = engine.data.fetchAddress(tag);
-    prepIoCommand(ring, ring.sqe(), cfg.charFd, op, cfg.queueId, tag, result, addr, tag);
+    const data = engine.data;
+    const sqe = ring.sqe();
+    const addr = data.fetchAddress(tag);
+    const sqeAddr = data.commandSqeAddr(tag);
+    prepIoCommand(ring, sqe, cfg.charFd, op, cfg.queueId, tag, result, addr, sqeAddr, tag);
+    ring.useFixedFile(sqe, FILE_CHAR);
   };
   const engine: QueueEngine = new QueueEngine(cfg, ring, desc, {
     complete: (tag, result) => command(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result),

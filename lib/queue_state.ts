@@ -43,7 +43,12 @@ export interface QueueConfig {
   /** The doorbell the main thread writes to after posting to the mailbox. */
   eventFd: number;
   sab: SharedArrayBuffer;
-  /** Register the tags' buffers (lib/request_data.ts): less CPU per IO, pinned memory. */
+  /**
+   * How request data reaches the backend (lib/request_data.ts): `zero-copy` when the device was
+   * created with UBLK_F_AUTO_BUF_REG, else `copy` through per-tag buffers.
+   */
+  dataMode: DataMode;
+  /** Copy mode: register the tags' buffers (less CPU per IO, pinned memory). */
   fixedBuffers: boolean;
   /** The queue ring's task-work mode: `defer` (the default), `coop` or `plain` (benchmarks). */
   ringMode: "defer" | "coop" | "plain";
@@ -55,6 +60,8 @@ export interface QueueConfig {
    */
   poisonByte: number;
 }
+
+export type DataMode = "copy" | "zero-copy";
 
 /** Messages of a queue's Worker to the main thread. */
 export type WorkerMessage =

@@ -361,7 +361,7 @@ class Server {
     }
     log(
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
-        `(id ${device.id})`,
+        `(id ${device.id}; data: ${device.dataMode}, requests up to ${device.maxIoBytes} bytes)`,
     );
   }
 
@@ -564,6 +564,8 @@ class Server {
       readOnly: this.#opts.readOnly,
       queues: this.#opts.queues,
       depth: this.#opts.depth,
+      dataMode: this.#device?.dataMode,
+      maxIoBytes: this.#device?.maxIoBytes,
       server: { pid: Deno.pid, state: this.#stopping ? "stopping" : "running" },
       startedAt: this.#startedAt,
       rssBytes: residentBytes(),

@@ -7,12 +7,15 @@
 #
 # Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--timeout SECONDS]
 #                      [--boot-timeout SECONDS] [--disk-size SIZE] [--keep-disk PATH]
-#                      [--append KERNEL-PARAMS] [--refresh-kernel] [--crash-ok] [--] CMD ARGS...
+#                      [--append KERNEL-PARAMS] [--with DIR] [--refresh-kernel] [--crash-ok]
+#                      [--] CMD ARGS...
 #   --timeout S       whole run, boot included (default 2400); --boot-timeout S: boot to the
 #                     command (default 300; a boot that does not get there is retried once)
 #   --keep-disk PATH  use PATH as /dev/vda (created sparse if missing) and keep it afterwards, e.g.
 #                     for a second boot of the same disk
 #   --append PARAMS   extra kernel command line (e.g. "loglevel=7" to see the boot)
+#   --with DIR        copy DIR (e.g. peers built outside the project for a benchmark) into the VM
+#                     at /opt/with, which is put on the command's PATH
 #   --refresh-kernel  look for a newer kernel package instead of reusing the cached one
 #   --crash-ok        the command cuts the power itself (sysrq): a VM that stops after the command
 #                     started, without an exit status, exits 0 instead of 125
@@ -32,8 +35,9 @@ disk_size=8G
 keep_disk=""
 refresh=""
 crash_ok=0
+with_dir=""
 usage() {
-  sed -n '7,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '7,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 while [ $# -gt 0 ]; do
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout_s="${2:?--timeout needs seconds}"; shift 2 ;;
     --boot-timeout) boot_timeout_s="${2:?--boot-timeout needs seconds}"; shift 2 ;;
     --append) append="${2:?--append needs kernel parameters}"; shift 2 ;;
+    --with) with_dir="${2:?--with needs a directory}"; shift 2 ;;
     --disk-size) disk_size="${2:?--disk-size needs a size}"; shift 2 ;;
     --keep-disk) keep_disk="${2:?--keep-disk needs a path}"; shift 2 ;;
     --refresh-kernel) refresh=--refresh; shift ;;
@@ -128,6 +133,10 @@ fi
 ov="$run_tmp/overlay"
 vm_tree="$ov$root"
 mkdir -p "$vm_tree" "$ov/etc/fastloop"
+if [ -n "$with_dir" ]; then
+  mkdir -p "$ov/opt/with"
+  cp -a "$with_dir/." "$ov/opt/with/"
+fi
 if [ "$root" != /fastloop ]; then ln -s "$root" "$ov/fastloop"; fi
 (
   cd "$root"
@@ -171,6 +180,7 @@ echo "$nonce" >"$ov/etc/fastloop/nonce"
   # Colours in the console stream make logs and deno's summary lines hard to parse.
   if [ ! -t 1 ]; then echo 'export NO_COLOR=1'; fi
   echo "export DENO_DIR=$deno_dir_vm"
+  if [ -n "$with_dir" ]; then echo 'export PATH="/opt/with:$PATH"'; fi
   # init mounts tmpfs on /tmp and /run, which hides a tree placed under them (a clone in /tmp):
   # show it again, at the same path, from a view of the initramfs without those mounts.
   printf 'tree=%q\n' "$root"

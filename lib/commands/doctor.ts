@@ -6,7 +6,13 @@ import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UserError } from "../errors.ts";
 import { geteuid, pathExists } from "../../ffi/libc.ts";
 import { IoUring } from "../../ffi/io_uring.ts";
-import { featureNames, hasFeature, UBLK_F_USER_RECOVERY } from "../../ffi/ublk_cmd.ts";
+import {
+  featureNames,
+  hasFeature,
+  UBLK_F_AUTO_BUF_REG,
+  UBLK_F_SUPPORT_ZERO_COPY,
+  UBLK_F_USER_RECOVERY,
+} from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
 import { quotePath } from "../registry.ts";
 import {
@@ -148,6 +154,16 @@ export async function runChecks(): Promise<DoctorReport> {
         ? "USER_RECOVERY offered: devices survive a server restart"
         : "USER_RECOVERY missing: a dead server fails the device",
       fix: "use a kernel 6.1 or newer with UBLK_F_USER_RECOVERY",
+      required: false,
+    });
+    const zeroCopy = hasFeature(features, UBLK_F_AUTO_BUF_REG | UBLK_F_SUPPORT_ZERO_COPY);
+    checks.push({
+      name: "data mode",
+      ok: zeroCopy,
+      detail: zeroCopy
+        ? "zero copy: AUTO_BUF_REG offered, request pages go straight to the disk's driver"
+        : "copy: AUTO_BUF_REG missing, each request is copied through the server's buffers",
+      fix: "use a kernel 6.16 or newer (UBLK_F_AUTO_BUF_REG) for zero copy",
       required: false,
     });
   }

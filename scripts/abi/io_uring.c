@@ -111,6 +111,14 @@ int main(void)
 	CONST(IORING_REGISTER_FILES_UPDATE);
 	CONST(IORING_REGISTER_EVENTFD_ASYNC);
 	CONST(IORING_REGISTER_PROBE);
+	CONST(IORING_REGISTER_BUFFERS2);
+	CONST(IORING_RSRC_REGISTER_SPARSE);
+
+	OFFSET("RSRC_REGISTER_NR", struct io_uring_rsrc_register, nr);
+	OFFSET("RSRC_REGISTER_FLAGS", struct io_uring_rsrc_register, flags);
+	OFFSET("RSRC_REGISTER_DATA", struct io_uring_rsrc_register, data);
+	OFFSET("RSRC_REGISTER_TAGS", struct io_uring_rsrc_register, tags);
+	SIZE("RSRC_REGISTER_SIZE", struct io_uring_rsrc_register);
 	CONST(IO_URING_OP_SUPPORTED);
 
 	OFFSET("SQOFF_HEAD", struct io_sqring_offsets, head);

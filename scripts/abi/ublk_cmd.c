@@ -318,6 +318,22 @@ int main(void)
 	CONST(UBLK_IO_F_FUA);
 	CONST(UBLK_IO_F_NOUNMAP);
 	CONST(UBLK_IO_F_SWAP);
+#ifdef UBLK_AUTO_BUF_REG_FALLBACK
+	CONST(UBLK_AUTO_BUF_REG_FALLBACK);
+	CONST(UBLK_IO_F_NEED_REG_BUF);
+	{
+		/* The sqe->addr encoding: index in bits 0-15, flags in 16-23. */
+		struct ublk_auto_buf_reg reg = { .index = 1, .flags = 1 };
+		__u64 addr = ublk_auto_buf_reg_to_sqe_addr(&reg);
+		VALUE("AUTO_BUF_REG_INDEX_SHIFT", __builtin_ctzll(addr & 0xffff));
+		VALUE("AUTO_BUF_REG_FLAGS_SHIFT", __builtin_ctzll(addr & ~0xffffULL));
+	}
+#else
+	MISSING("UBLK_AUTO_BUF_REG_FALLBACK");
+	MISSING("UBLK_IO_F_NEED_REG_BUF");
+	MISSING("AUTO_BUF_REG_INDEX_SHIFT");
+	MISSING("AUTO_BUF_REG_FLAGS_SHIFT");
+#endif
 
 	return abi_end();
 }

@@ -68,6 +68,7 @@ export class Harness {
       maxExtents: 1024,
       eventFd: -1,
       poisonByte: -1,
+      dataMode: "copy",
       fixedBuffers: opts.fixedBuffers ?? false,
       ringMode: "defer",
       pollUs: 0,
@@ -113,11 +114,11 @@ export class Harness {
 
   /** The bytes of `tag`'s buffer. */
   buffer(tag: number, length: number): Uint8Array {
-    return this.engine.data.bytes.slice(tag * MAX_IO, tag * MAX_IO + length);
+    return this.engine.data.bytes!.slice(tag * MAX_IO, tag * MAX_IO + length);
   }
 
   fill(tag: number, data: Uint8Array): void {
-    this.engine.data.bytes.set(data, tag * MAX_IO);
+    this.engine.data.bytes!.set(data, tag * MAX_IO);
   }
 
   counter(k: number): number {
