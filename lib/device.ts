@@ -84,6 +84,9 @@ export interface DeviceCounters {
   fiemapErrors: number;
   lastError: (Omit<LastError, "atMs"> & { at: string }) | null;
   retries: number;
+  /** Turns of the queues' loops and their io_uring_enter calls: wake-ups and syscalls per IO. */
+  loopTurns: number;
+  ringEnters: number;
 }
 
 export interface Device {
@@ -253,6 +256,8 @@ class UblkDevice implements Device {
       fiemapErrors: sum(Counter.fiemapErrors),
       lastError: latestError(this.#q.map((q) => q.shared)),
       retries: sum(Counter.retries),
+      loopTurns: sum(Counter.turns),
+      ringEnters: sum(Counter.enters),
     };
   }
 

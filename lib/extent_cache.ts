@@ -177,8 +177,11 @@ export class ExtentCache {
   }
 
   /**
-   * Forgets every segment that touches `[offsetBytes, offsetBytes + lengthBytes)` (whole
-   * segments, so nothing from before the change can be used for any byte of the range).
+   * Forgets what may have changed in `[offsetBytes, offsetBytes + lengthBytes)`: every segment
+   * that touches it, whole, so nothing from before the change is used for any byte of the range;
+   * except that a hole or an unwritten extent only changes where the range covers it: outside it
+   * still reads as zeros and still takes writes through the file, so that part stays cached (the
+   * first writes into a sparse file would otherwise cost a FIEMAP each). Allocates nothing.
    */
   invalidate(offsetBytes: number, lengthBytes: number): void {
     if (lengthBytes <= 0 || this.#count === 0) return;
@@ -187,7 +190,43 @@ export class ExtentCache {
     if (first < 0 || this.endAt(first) <= offsetBytes) first++;
     let last = first;
     while (last < this.#count && this.startAt(last) < endBytes) last++;
+    if (first >= last) return;
+    const keepHead = this.startAt(first) < offsetBytes && this.#readsZeros(first);
+    const keepTail = this.endAt(last - 1) > endBytes && this.#readsZeros(last - 1);
+    this.#dirDirty = true;
+    if (keepHead && keepTail && last - first === 1) {
+      // The range lies inside one such segment: split it, the part after the range a new one.
+      this.#reserve(this.#count + 1);
+      const seg = this.#seg;
+      seg.copyWithin((first + 2) * STRIDE, (first + 1) * STRIDE, this.#count * STRIDE);
+      this.#fill.copyWithin(first + 2, first + 1, this.#count);
+      seg.copyWithin((first + 1) * STRIDE, first * STRIDE, (first + 1) * STRIDE);
+      this.#fill[first + 1] = this.#fill[first]!;
+      this.#count++;
+      this.#trimStart(first + 1, endBytes);
+      seg[first * STRIDE + S_END] = offsetBytes;
+      this.#last = 0;
+      return;
+    }
+    if (keepHead) this.#seg[first++ * STRIDE + S_END] = offsetBytes;
+    if (keepTail) this.#trimStart(--last, endBytes);
     this.#remove(first, last);
+  }
+
+  /** Is segment `i` one that reads as zeros (a hole or an unwritten extent)? */
+  #readsZeros(i: number): boolean {
+    const kind = this.kindAt(i);
+    return kind === ExtentKind.hole || kind === ExtentKind.unwritten;
+  }
+
+  /** Moves the start of segment `i` to `start` (inside it), its physical offset along. */
+  #trimStart(i: number, start: number): void {
+    const at = i * STRIDE;
+    const seg = this.#seg;
+    if (seg[at + S_PHYSICAL]! >= 0) {
+      seg[at + S_PHYSICAL] = seg[at + S_PHYSICAL]! + (start - seg[at + S_START]!);
+    }
+    seg[at + S_START] = start;
   }
 
   /** The file changed size: adopt it and forget everything from the smaller size on. */

@@ -152,6 +152,55 @@ Deno.test("extentCache.invalidate() makes the next lookup refill from the source
   assert.ok(source.calls > calls, "the source was asked again");
 });
 
+Deno.test("extentCache.invalidate() keeps the parts of a hole or an unwritten extent outside the range: writes into a sparse file cost no FIEMAP", () => {
+  // [0, 1M) data, [1M, 9M) hole, [9M, 13M) unwritten, 13M..16M hole.
+  const model: FiemapExtent[] = [
+    { logical: 0, physical: 40 * MiB, length: 1 * MiB, flags: 0 },
+    { logical: 9 * MiB, physical: 60 * MiB, length: 4 * MiB, flags: FIEMAP_EXTENT_UNWRITTEN },
+  ];
+  const source = new ModelSource(model);
+  const cache = new ExtentCache(source, { fileSizeBytes: 16 * MiB, maxExtents: 64 });
+  for (let off = 0; off < 16 * MiB; off += 64 * KiB) check(cache, model, off);
+  // Writes through the file into the middle of the hole and of the unwritten extent allocate
+  // (or convert) exactly their ranges.
+  const written: FiemapExtent[] = [
+    { logical: 0, physical: 40 * MiB, length: 1 * MiB, flags: 0 },
+    { logical: 4 * MiB, physical: 80 * MiB, length: 256 * KiB, flags: 0 },
+    { logical: 9 * MiB, physical: 60 * MiB, length: 1 * MiB, flags: FIEMAP_EXTENT_UNWRITTEN },
+    { logical: 10 * MiB, physical: 61 * MiB, length: 512 * KiB, flags: 0 },
+    {
+      logical: 10 * MiB + 512 * KiB,
+      physical: 61 * MiB + 512 * KiB,
+      length: 2.5 * MiB,
+      flags: FIEMAP_EXTENT_UNWRITTEN,
+    },
+  ];
+  source.extents = written;
+  cache.invalidate(4 * MiB, 256 * KiB);
+  cache.invalidate(10 * MiB, 512 * KiB);
+  // Outside the written ranges every answer is still right, and from the cache.
+  const calls = source.calls;
+  for (
+    const off of [1 * MiB, 3 * MiB + 60 * KiB, 4 * MiB + 256 * KiB, 8 * MiB, 9 * MiB + 4 * KiB]
+  ) {
+    check(cache, written, off);
+  }
+  for (const off of [10 * MiB + 512 * KiB, 12 * MiB, 13 * MiB - 4 * KiB]) {
+    check(cache, written, off);
+  }
+  assert.equal(source.calls, calls, "no FIEMAP outside what was written");
+  // Inside them the cache asks again and learns the new extents.
+  check(cache, written, 4 * MiB + 8 * KiB);
+  check(cache, written, 10 * MiB + 100 * KiB);
+  assert.ok(source.calls > calls, "the written ranges were mapped again");
+  for (let off = 0; off < 16 * MiB; off += 32 * KiB) check(cache, written, off);
+  // A direct extent touching a range is still forgotten whole.
+  cache.invalidate(512 * KiB, 4096);
+  const before = source.calls;
+  check(cache, written, 0);
+  assert.ok(source.calls > before, "the data extent was mapped again");
+});
+
 Deno.test("extentCache keeps at most maxExtents segments and stays correct", () => {
   const model = fragmentedModel(3000, 3);
   const cache = newCache(new ModelSource(model), { maxExtents: 64, windowBytes: 32 * KiB });

@@ -1,0 +1,208 @@
+//! Where an IO's CPU goes, inside the test VM: one fio cell (default 4k randread QD1) on a fully
+//! written file on ext4, served by fastloop (each data mode the kernel offers) and, when a `ublk`
+//! binary is on PATH (scripts/vm.sh --with DIR), by ublksrv's loop target; the raw device region
+//! under the file as the reference. Per contender: IOPS, p50/p99, and CPU per IO split by thread
+//! of the server (utime/stime from /proc/PID/task/TID/stat: the queue Worker, the main thread,
+//! V8's helper threads) and of the supervisor, plus the queue loop's turns and io_uring_enter calls
+//! per IO (fastloop's own counters). Not part of the test suite: a measuring tool.
+//! Usage (in the VM): deno run -A bench/vm_profile.ts [--rw randread] [--bs 4k] [--iodepth 1]
+//!   [--runtime 8] [--file-mib 512] [--disk /dev/vda] [--env K=V,...]
+
+import { parseArgs } from "node:util";
+import { longestPhysicalRun } from "./filefrag.ts";
+
+const { values: opts } = parseArgs({
+  args: Deno.args,
+  options: {
+    rw: { type: "string", default: "randread" },
+    bs: { type: "string", default: "4k" },
+    iodepth: { type: "string", default: "1" },
+    runtime: { type: "string", default: "8" },
+    "file-mib": { type: "string", default: "512" },
+    disk: { type: "string", default: "/dev/vda" },
+    /** Extra environment for fastloop attach (e.g. FASTLOOP_POLL_US=50), comma-separated. */
+    env: { type: "string", default: "" },
+  },
+});
+
+const mnt = "/mnt/profile";
+const file = `${mnt}/backing.img`;
+
+async function sh(cmd: string, check = true): Promise<string> {
+  const out = await new Deno.Command("sh", { args: ["-c", cmd], stdout: "piped", stderr: "piped" })
+    .output();
+  if (check && !out.success) {
+    throw new Error(`${cmd}: exit ${out.code}: ${new TextDecoder().decode(out.stderr).trim()}`);
+  }
+  return new TextDecoder().decode(out.stdout);
+}
+
+/** utime+stime ticks of every thread of `pid`, by "comm(tid)". */
+function threadTicks(pid: number): Map<string, number> {
+  const ticks = new Map<string, number>();
+  for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/stat`);
+      const comm = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+      const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      ticks.set(`${comm}`, (ticks.get(comm) ?? 0) + Number(f[11]) + Number(f[12]));
+    } catch {
+      // Thread gone.
+    }
+  }
+  return ticks;
+}
+
+interface Contender {
+  name: string;
+  device: string;
+  offset: number;
+  size: number;
+  pids: Record<string, number>;
+  cleanup: () => Promise<void>;
+  counters?: () => Promise<{ turns: number; enters: number }>;
+}
+
+async function fastloopContender(mode: string, env: string, size: number): Promise<Contender> {
+  const dev = (await sh(`${env} fastloop attach ${file}`)).trim();
+  const record = JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
+  const counters = async () => {
+    const [row] = JSON.parse(await sh(`fastloop stat --json ${dev}`));
+    return { turns: row.counters.loopTurns, enters: row.counters.ringEnters };
+  };
+  return {
+    name: `fastloop (${mode})`,
+    device: dev,
+    offset: 0,
+    size,
+    pids: { server: record.server.pid, supervisor: record.supervisor.pid },
+    cleanup: async () => void await sh(`fastloop detach ${dev}`),
+    counters,
+  };
+}
+
+async function main() {
+  const disk = opts.disk!;
+  const fileBytes = Number(opts["file-mib"]) * 1048576;
+  await sh(`mkfs.ext4 -q -F ${disk} && mkdir -p ${mnt} && mount ${disk} ${mnt}`);
+  try {
+    await sh(
+      `fio --name=fill --filename=${file} --size=${fileBytes} --rw=write --bs=1M ` +
+        `--ioengine=io_uring --direct=1 --iodepth=8 --end_fsync=1 --output=/dev/null`,
+    );
+    const run = longestPhysicalRun(await sh(`filefrag -v -b4096 ${file}`));
+    const size = Math.min(run.size, fileBytes);
+    const doctor = JSON.parse(await sh("fastloop doctor --json", false) || "{}");
+    const zc = (BigInt(doctor?.ublk?.features ?? "0") & (1n << 11n)) !== 0n;
+    const extra = opts.env!.split(",").filter((x) => x).join(" ");
+    const makers: Array<() => Promise<Contender>> = [
+      () =>
+        Promise.resolve({
+          name: "raw device",
+          device: disk,
+          offset: run.offset,
+          size,
+          pids: {},
+          cleanup: () => Promise.resolve(),
+        }),
+      () => fastloopContender(zc ? "zero copy" : "copy", `FASTLOOP_ZERO_COPY=1 ${extra}`, size),
+    ];
+    if (zc) makers.push(() => fastloopContender("copy", `FASTLOOP_ZERO_COPY=0 ${extra}`, size));
+    if ((await sh("command -v ublk", false)).trim()) {
+      for (const z of zc ? ["", "-z"] : [""]) {
+        makers.push(async (): Promise<Contender> => {
+          await sh(`ublk add -t loop -f ${file} -n 9 ${z}`);
+          for (let i = 0; i < 500 && !exists("/dev/ublkb9"); i++) await sleep(20);
+          const pid = Number(
+            (await sh("pgrep -f ublk.loop || pgrep -f 'ublk add'", false)).split("\n")[0],
+          );
+          return {
+            name: `ublksrv loop${z ? " (zero copy)" : ""}`,
+            device: "/dev/ublkb9",
+            offset: 0,
+            size,
+            pids: (pid ? { server: pid } : {}) as Record<string, number>,
+            cleanup: async () => void await sh("ublk del -n 9"),
+          };
+        });
+      }
+    }
+    const lines = [
+      `# CPU per IO, ${opts.rw} ${opts.bs} QD${opts.iodepth}, ${opts.runtime} s — ${
+        (await sh("uname -r")).trim()
+      }${extra ? ` (fastloop with ${extra})` : ""}`,
+      "",
+      "| contender | IOPS | p50 µs | p99 µs | VM CPU µs/IO | server threads µs/IO | supervisor µs/IO | turns/IO | enters/IO |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ];
+    for (const make of makers) {
+      const c = await make();
+      try {
+        await sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+        const before = Object.fromEntries(
+          Object.entries(c.pids).map(([k, pid]) => [k, threadTicks(pid)]),
+        );
+        const c0 = await c.counters?.();
+        const cpu0 = busyJiffies();
+        const json = await sh(
+          `fio --output-format=json --name=p --ioengine=io_uring --direct=1 ` +
+            `--filename=${c.device} --offset=${c.offset} --size=${c.size} --rw=${opts.rw} ` +
+            `--bs=${opts.bs} --iodepth=${opts.iodepth} --time_based --runtime=${opts.runtime} ` +
+            `--randrepeat=0 --norandommap --allow_mounted_write=1`,
+        );
+        const cpu1 = busyJiffies();
+        const c1 = await c.counters?.();
+        const job = JSON.parse(json.slice(json.indexOf("{"))).jobs[0];
+        const side = opts.rw!.includes("write") ? job.write : job.read;
+        const ios = job.read.total_ios + job.write.total_ios;
+        const perIo = (ticks: number) => (ticks * 1e4 / ios).toFixed(1);
+        const threads: string[] = [];
+        let supervisor = "";
+        for (const [who, pid] of Object.entries(c.pids)) {
+          const after = threadTicks(pid);
+          const split = [...after].map(([name, t]) => [name, t - (before[who]!.get(name) ?? 0)])
+            .filter(([, t]) => (t as number) > 0)
+            .sort((a, b) => (b[1] as number) - (a[1] as number))
+            .map(([name, t]) => `${name} ${perIo(t as number)}`);
+          if (who === "supervisor") supervisor = split.join(", ") || "0";
+          else threads.push(split.join(", ") || "0");
+        }
+        const pct = side.clat_ns.percentile ?? {};
+        lines.push(
+          `| ${c.name} | ${side.iops.toFixed(0)} | ${
+            ((pct["50.000000"] ?? 0) / 1000).toFixed(0)
+          } | ${((pct["99.000000"] ?? 0) / 1000).toFixed(0)} | ${perIo(cpu1 - cpu0)} | ${
+            threads.join("; ") || "-"
+          } | ${supervisor || "-"} | ${
+            c0 && c1 ? ((c1.turns - c0.turns) / ios).toFixed(2) : "-"
+          } | ${c0 && c1 ? ((c1.enters - c0.enters) / ios).toFixed(2) : "-"} |`,
+        );
+        console.error(`profile: ${c.name}: ${side.iops.toFixed(0)} IOPS`);
+      } finally {
+        await c.cleanup();
+      }
+    }
+    console.log(lines.join("\n"));
+  } finally {
+    await sh(`umount ${mnt}`, false);
+  }
+}
+
+function busyJiffies(): number {
+  const f = Deno.readTextFileSync("/proc/stat").split("\n")[0]!.trim().split(/\s+/).slice(1)
+    .map(Number);
+  return f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!;
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+await main();
