@@ -6,7 +6,7 @@
 //! V8's helper threads) and of the supervisor, plus the queue loop's turns and io_uring_enter calls
 //! per IO (fastloop's own counters). Not part of the test suite: a measuring tool.
 //! Usage (in the VM): deno run -A bench/vm_profile.ts [--rw randread] [--bs 4k] [--iodepth 1]
-//!   [--runtime 8] [--file-mib 512] [--disk /dev/vda] [--env K=V,...]
+//!   [--runtime 8] [--file-mib 512] [--disk /dev/vda] [--variants "K=V K=V;K=V"]
 
 import { parseArgs } from "node:util";
 import { longestPhysicalRun } from "./filefrag.ts";
@@ -20,8 +20,12 @@ const { values: opts } = parseArgs({
     runtime: { type: "string", default: "8" },
     "file-mib": { type: "string", default: "512" },
     disk: { type: "string", default: "/dev/vda" },
-    /** Extra environment for fastloop attach (e.g. FASTLOOP_POLL_US=50), comma-separated. */
-    env: { type: "string", default: "" },
+    /**
+     * fastloop variants to compare in the same boot, `;`-separated, each a space-separated list
+     * of environment settings for its attach (e.g. "FASTLOOP_POLL_US=50;DENO_V8_FLAGS=--foo");
+     * the default configuration always runs first.
+     */
+    variants: { type: "string", default: "" },
   },
 });
 
@@ -63,7 +67,7 @@ interface Contender {
   counters?: () => Promise<{ turns: number; enters: number }>;
 }
 
-async function fastloopContender(mode: string, env: string, size: number): Promise<Contender> {
+async function fastloopContender(name: string, env: string, size: number): Promise<Contender> {
   const dev = (await sh(`${env} fastloop attach ${file}`)).trim();
   const record = JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
   const counters = async () => {
@@ -71,7 +75,7 @@ async function fastloopContender(mode: string, env: string, size: number): Promi
     return { turns: row.counters.loopTurns, enters: row.counters.ringEnters };
   };
   return {
-    name: `fastloop (${mode})`,
+    name,
     device: dev,
     offset: 0,
     size,
@@ -94,7 +98,7 @@ async function main() {
     const size = Math.min(run.size, fileBytes);
     const doctor = JSON.parse(await sh("fastloop doctor --json", false) || "{}");
     const zc = (BigInt(doctor?.ublk?.features ?? "0") & (1n << 11n)) !== 0n;
-    const extra = opts.env!.split(",").filter((x) => x).join(" ");
+    const variants = opts.variants!.split(";").map((v) => v.trim()).filter((v) => v);
     const makers: Array<() => Promise<Contender>> = [
       () =>
         Promise.resolve({
@@ -105,9 +109,10 @@ async function main() {
           pids: {},
           cleanup: () => Promise.resolve(),
         }),
-      () => fastloopContender(zc ? "zero copy" : "copy", `FASTLOOP_ZERO_COPY=1 ${extra}`, size),
+      () => fastloopContender(`fastloop (${zc ? "zero copy" : "copy"})`, "", size),
     ];
-    if (zc) makers.push(() => fastloopContender("copy", `FASTLOOP_ZERO_COPY=0 ${extra}`, size));
+    if (zc) makers.push(() => fastloopContender("fastloop (copy)", "FASTLOOP_ZERO_COPY=0", size));
+    for (const v of variants) makers.push(() => fastloopContender(`fastloop ${v}`, v, size));
     if ((await sh("command -v ublk", false)).trim()) {
       for (const z of zc ? ["", "-z"] : [""]) {
         makers.push(async (): Promise<Contender> => {
@@ -130,7 +135,7 @@ async function main() {
     const lines = [
       `# CPU per IO, ${opts.rw} ${opts.bs} QD${opts.iodepth}, ${opts.runtime} s — ${
         (await sh("uname -r")).trim()
-      }${extra ? ` (fastloop with ${extra})` : ""}`,
+      }`,
       "",
       "| contender | IOPS | p50 µs | p99 µs | VM CPU µs/IO | server threads µs/IO | supervisor µs/IO | turns/IO | enters/IO |",
       "|---|---|---|---|---|---|---|---|---|",

@@ -102,7 +102,8 @@ export interface Device {
   /** How request data reaches the backend: zero copy (UBLK_F_AUTO_BUF_REG) or copy. */
   dataMode: DataMode;
   setMode(mode: Mode): Promise<void>;
-  counters(): DeviceCounters;
+  /** The queues' counters, the extent cache's figures fresh (each queue is asked for them). */
+  counters(): Promise<DeviceCounters>;
   stop(): Promise<void>;
   delete(): Promise<void>;
   /**
@@ -223,7 +224,11 @@ class UblkDevice implements Device {
     return next;
   }
 
-  counters(): DeviceCounters {
+  async counters(): Promise<DeviceCounters> {
+    // One command at a time per mailbox, as for setMode.
+    const asked = this.#mailbox.then(() => postToQueues(this.#q, MbOp.stats));
+    this.#mailbox = asked.catch(() => {});
+    await asked;
     const sum = (k: number) => this.#q.reduce((s, q) => s + q.shared.counters[k]!, 0);
     return {
       reads: sum(Counter.reads),

@@ -137,7 +137,7 @@ export class QueueEngine {
   #sizeBytes: number;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
-  #turns = 0;
+  
   readonly #startPunch = (req: Request) => this.#punch(req);
 
   constructor(cfg: QueueConfig, ring: IoUring, desc: DataView, completer: Completer) {
@@ -505,15 +505,10 @@ export class QueueEngine {
 
   // --- between turns --------------------------------------------------------------------------
 
-  /** The chores of a turn: other queues' invalidations, waiting punches, stats for `stat`. */
+  /** The chores of a turn: other queues' invalidations, waiting punches. */
   afterTurn(): void {
     this.#fence.applyChanges();
     this.#fence.startReady(this.#startPunch);
-    // Cache statistics every 64 turns under load and whenever the queue goes idle (a quiet device
-    // shows final figures): busy turns stay lean.
-    if ((++this.#turns & 63) === 0 || this.shared.counters[Counter.inflight] === 0) {
-      this.publishStats();
-    }
   }
 
   /** Switches mode: new requests follow it at once; direct IO in flight drains (`drained`). */
@@ -529,7 +524,10 @@ export class QueueEngine {
     return this.mode !== "file" || this.directInflight === 0;
   }
 
-  /** Copies the cache statistics into the shared counters. */
+  /**
+   * Copies the cache statistics into the shared counters: asked for by `stat` (MbOp.stats) and
+   * done at the queue's end, never per IO.
+   */
   publishStats(): void {
     if (this.#cache === null) return;
     const c = this.shared.counters;
@@ -628,6 +626,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       modeSeq = seq;
       return;
     }
+    if (op === MbOp.stats) engine.publishStats();
     if (op === MbOp.quit) quit = true;
     shared.acknowledge(seq);
   };

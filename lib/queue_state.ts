@@ -87,7 +87,8 @@ const CTRL_STATE = 4; // QueueState, written by the worker
 const CTRL_MODE = 5; // the mode in force (worker)
 const CTRL_ERR_SEQ = 6; // seqlock of the last-error slots: odd while the worker writes them
 
-export const MbOp = { none: 0, setMode: 1, quit: 2 } as const;
+/** setMode: switch and drain; stats: copy the extent cache's figures into the counters; quit. */
+export const MbOp = { none: 0, setMode: 1, stats: 2, quit: 3 } as const;
 export type MbOp = (typeof MbOp)[keyof typeof MbOp];
 export const QueueState = { starting: 0, fetching: 1, exited: 2, failed: 3 } as const;
 

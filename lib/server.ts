@@ -532,7 +532,7 @@ class Server {
       case "ping":
         return { ok: true, pid: Deno.pid };
       case "stat":
-        return { ok: true, stat: this.stat() };
+        return { ok: true, stat: await this.stat() };
       case "detach":
         log("detach requested over the control socket");
         await this.stop("detach command");
@@ -543,7 +543,7 @@ class Server {
   }
 
   /** What `fastloop stat` shows for this device. */
-  stat(): Record<string, unknown> {
+  async stat(): Promise<Record<string, unknown>> {
     const r = this.#record;
     return {
       device: r?.blockPath,
@@ -571,7 +571,7 @@ class Server {
       rssBytes: residentBytes(),
       log: this.#opts.logPath,
       logging: logTargets(this.#opts.logPath),
-      counters: this.#device?.counters(),
+      counters: await this.#device?.counters(),
     };
   }
 }
