@@ -251,6 +251,7 @@ async function main() {
     let table = render(kernel, region, names, results);
     if (!opts.only) {
       table += "\n" + await sparseCopyScenario(names.some((n) => n.startsWith("fastloop")));
+      table += "\n" + await memoryScenario(zeroCopy, region);
     }
     console.log(table);
     await Deno.mkdir(opts.out!, { recursive: true });
@@ -260,6 +261,54 @@ async function main() {
   } finally {
     await sh(`umount ${mnt}`, false);
   }
+}
+
+/** VmRSS of a process in KiB, from /proc. */
+function rssKiB(pid: number): number {
+  return Number(
+    /^VmRSS:\s+(\d+) kB$/m.exec(Deno.readTextFileSync(`/proc/${pid}/status`))?.[1] ?? NaN,
+  );
+}
+
+/**
+ * A server's memory, idle after attach and under 1 MiB IO at QD128 (reads, then writes), per data
+ * mode: with zero copy it holds no data buffers, so the load should not grow it.
+ */
+async function memoryScenario(zeroCopy: boolean, region: number): Promise<string> {
+  const lines = [
+    "## Server memory: VmRSS idle after attach, and its peak under 1 MiB IO at QD128",
+    "",
+    "| data mode | idle MiB | peak under load MiB | growth MiB |",
+    "|---|---|---|---|",
+  ];
+  for (const [mode, env] of zeroCopy ? [["zero copy", "1"], ["copy", "0"]] : [["copy", "0"]]) {
+    const dev = (await sh(`FASTLOOP_ZERO_COPY=${env} fastloop attach ${backingFile}`)).trim();
+    try {
+      const pid = JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`)).server
+        .pid as number;
+      await new Promise((r) => setTimeout(r, 2000));
+      const idle = rssKiB(pid);
+      let peak = idle;
+      const sampler = setInterval(() => (peak = Math.max(peak, rssKiB(pid))), 200);
+      try {
+        for (const rw of ["read", "write"]) {
+          await sh(
+            `fio --name=mem --filename=${dev} --size=${region} --rw=${rw} --bs=1M ` +
+              `--iodepth=128 --ioengine=io_uring --direct=1 --time_based --runtime=${runtimeSec} ` +
+              `--output=/dev/null`,
+          );
+        }
+      } finally {
+        clearInterval(sampler);
+      }
+      const mib = (k: number) => (k / 1024).toFixed(1);
+      lines.push(`| ${mode} | ${mib(idle)} | ${mib(peak)} | ${mib(peak - idle)} |`);
+      console.error(`bench: memory ${mode}: idle ${mib(idle)} MiB, peak ${mib(peak)} MiB`);
+    } finally {
+      await sh(`fastloop detach ${dev}`);
+    }
+  }
+  return lines.join("\n") + "\n";
 }
 
 /**

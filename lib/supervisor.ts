@@ -144,15 +144,16 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       readyAtMs = Date.now();
       deviceId = reply["id"];
       setLogContext(`ublkb${deviceId}`);
+      if (outageSinceMs > 0) say(`ublkb${deviceId} recovered in ${readyAtMs - outageSinceMs} ms`);
       // Served again only once it outlived a quick death: a server that a waiting request kills
       // as soon as it is ready does not end the outage.
       if (await outlives(child, SERVED_LONG_ENOUGH_MS)) {
-        if (outageSinceMs > 0) {
+        if (status.crashLoop) {
           const m = `ublkb${deviceId} is served again, ${
             seconds(Date.now() - outageSinceMs)
-          } after its server died (${status.deaths} death(s) since attach)`;
+          } after its server died (${status.deaths} death(s) since attach); the crash loop is over`;
           say(m);
-          if (status.crashLoop) kernelLog(`${m}; the crash loop is over`);
+          kernelLog(m);
         }
         outageSinceMs = 0;
         status.quickDeaths = 0;
