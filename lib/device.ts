@@ -41,7 +41,10 @@ export interface DeviceOptions {
   filePath: string;
   /** The one fd of the file (O_RDWR|O_DIRECT, or O_RDONLY|O_DIRECT), the lease's fd. */
   fileFd: number;
+  /** The device's size: the length of its region of the file. */
   fileSizeBytes: number;
+  /** Where the device starts in the file (`attach --offset`). */
+  regionOffsetBytes: number;
   /** The filesystem's block device, O_RDWR|O_DIRECT, or -1 when not eligible. */
   backingFd: number;
   logicalBlockSize: number;
@@ -476,6 +479,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       filePath: opts.filePath,
       backingFd: opts.backingFd,
       fileSizeBytes: opts.fileSizeBytes,
+      regionOffsetBytes: opts.regionOffsetBytes,
       logicalBlockSize: opts.logicalBlockSize,
       readOnly: opts.readOnly,
       mode: opts.mode,

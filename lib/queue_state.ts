@@ -34,7 +34,14 @@ export interface QueueConfig {
   filePath: string;
   /** The filesystem's block device, O_DIRECT, or -1 when the filesystem is not eligible. */
   backingFd: number;
+  /** The device's size at start: the length of its region of the file (`regionOffsetBytes` on). */
   fileSizeBytes: number;
+  /**
+   * Where the device starts in the file (`attach --offset`): device offset + this = file offset,
+   * added once per request (`Request.readDescriptor`); everything after works in file offsets.
+   */
+  regionOffsetBytes: number;
+  /** The device's logical block size (`attach --sector-size`; at least the filesystem device's). */
   logicalBlockSize: number;
   readOnly: boolean;
   mode: Mode;

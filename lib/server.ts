@@ -58,6 +58,7 @@ import {
   writeRecord,
 } from "./registry.ts";
 import { fileInUseError } from "./validate.ts";
+import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 
 export interface ServerOptions {
   filePath: string;
@@ -65,6 +66,11 @@ export interface ServerOptions {
   queues: number;
   depth: number;
   maxIoBytes: number;
+  /** The device's region of the file and its sector size (`lib/region.ts`). */
+  offsetBytes: number;
+  sizeLimitBytes: number;
+  /** Absent: the logical block size of the filesystem's device. */
+  sectorBytes?: number;
   recoverable: boolean;
   logPath: string;
   /** st_dev/st_ino `attach` validated: the server refuses a file swapped in since. */
@@ -111,6 +117,9 @@ class Server {
   #step = "";
   #identity = { dev: "", ino: "" };
   #fileSizeBytes = 0;
+  /** The device's size: its region's length. */
+  #deviceSizeBytes = 0;
+  #sectorBytes = 512;
   #backingFd = -1;
   #blockSizes = { logical: 512, physical: 4096 };
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
@@ -207,6 +216,7 @@ class Server {
       ["take the lease", () => this.#takeLease()],
       ["find ublk", () => requireUblk()],
       ["find the direct path", () => this.#findDirectPath()],
+      ["place the device in the file", () => this.#placeDevice()],
       ["start the device", () => this.#startDevice()],
       ["open the control socket", () => this.#openControlSocket()],
       ["write the record", () => this.#writeRecord()],
@@ -257,9 +267,7 @@ class Server {
     if (st.dev.toString() !== this.#identity.dev || st.ino.toString() !== this.#identity.ino) {
       throw new UserError(`${quotePath(o.filePath)} was replaced while attaching; try again`);
     }
-    if (st.size === 0 || st.size % 512 !== 0) {
-      throw new UserError(`${o.filePath} is ${st.size} bytes, not a multiple of 512`);
-    }
+    if (st.size === 0) throw new UserError(`${quotePath(o.filePath)} is empty`);
     this.#fileSizeBytes = st.size;
   }
 
@@ -304,6 +312,8 @@ class Server {
       logical: eligibility.device?.logicalBlockSize ?? 512,
       physical: eligibility.device?.physicalBlockSize ?? 4096,
     };
+    this.#sectorBytes = o.sectorBytes ?? this.#blockSizes.logical;
+    checkSectorSize(this.#sectorBytes, eligibility.device ?? null);
     // Not opening it (a container, a kernel refusing writes to mounted devices) is still correct
     // through the file; `lib/direct_path.ts` says why, for the log and `stat`.
     const direct = await openDirectDevice(eligibility, o.readOnly);
@@ -321,6 +331,33 @@ class Server {
   }
 
   /**
+   * The device's region of the file (`lib/region.ts`): checked against the file for a new
+   * device. A device taken over keeps the size the kernel has for it, whatever the file's size
+   * is now: IO past the file's end fails with EIO.
+   */
+  #placeDevice(): void {
+    const o = this.#opts;
+    const layout = this.#layout();
+    if (o.recoverDeviceId !== undefined) {
+      const sectors = Number(readSysfs(`/sys/block/ublkb${o.recoverDeviceId}/size`));
+      if (Number.isSafeInteger(sectors) && sectors > 0) {
+        this.#deviceSizeBytes = sectors * 512;
+        return;
+      }
+    }
+    this.#deviceSizeBytes = regionLength(quotePath(o.filePath), this.#fileSizeBytes, layout);
+  }
+
+  #layout(): Layout {
+    const o = this.#opts;
+    return {
+      offsetBytes: o.offsetBytes,
+      sizeLimitBytes: o.sizeLimitBytes,
+      sectorBytes: this.#sectorBytes,
+    };
+  }
+
+  /**
    * The ublk device, new or taken over. Undo: stop and delete it (detach), except when a recovery
    * fails during start-up: then it is only let go, so its IO waits for the next server.
    */
@@ -333,9 +370,10 @@ class Server {
     const device = await createDevice({
       filePath: o.filePath,
       fileFd: this.#fileFd,
-      fileSizeBytes: this.#fileSizeBytes,
+      fileSizeBytes: this.#deviceSizeBytes,
+      regionOffsetBytes: o.offsetBytes,
       backingFd: this.#backingFd,
-      logicalBlockSize: this.#blockSizes.logical,
+      logicalBlockSize: this.#sectorBytes,
       physicalBlockSize: this.#blockSizes.physical,
       readOnly: o.readOnly,
       queues: o.queues,
@@ -392,6 +430,9 @@ class Server {
         queues: o.queues,
         depth: o.depth,
         recoverable: o.recoverable,
+        offsetBytes: o.offsetBytes,
+        sizeLimitBytes: o.sizeLimitBytes,
+        sectorBytes: this.#sectorBytes,
       },
     };
     writeRecord(record);
@@ -562,6 +603,10 @@ class Server {
       transitions: this.#transitionCount,
       recentTransitions: this.#transitions,
       readOnly: this.#opts.readOnly,
+      offsetBytes: this.#opts.offsetBytes,
+      sizeLimitBytes: this.#opts.sizeLimitBytes,
+      sizeBytes: this.#deviceSizeBytes,
+      sectorBytes: this.#sectorBytes,
       queues: this.#opts.queues,
       depth: this.#opts.depth,
       server: { pid: Deno.pid, state: this.#stopping ? "stopping" : "running" },
@@ -616,6 +661,14 @@ function requireUblk(): void {
       "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
       ExitCode.unsupported,
     );
+  }
+}
+
+function readSysfs(path: string): string {
+  try {
+    return Deno.readTextFileSync(path).trim();
+  } catch {
+    return "";
   }
 }
 
