@@ -17,6 +17,7 @@ import {
   UBLK_ATTR_READ_ONLY,
   UBLK_ATTR_VOLATILE_CACHE,
   UBLK_F_CMD_IOCTL_ENCODE,
+  UBLK_F_NO_AUTO_PART_SCAN,
   UBLK_F_USER_RECOVERY,
   UBLK_F_USER_RECOVERY_REISSUE,
   UBLK_IO_BUF_MAX_BYTES,
@@ -426,6 +427,9 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
     } else {
       let flags = 0n;
       if (hasFeature(features, UBLK_F_CMD_IOCTL_ENCODE)) flags |= BigInt(UBLK_F_CMD_IOCTL_ENCODE);
+      // No partition scan inside START_DEV (7.0+): `attach --partscan` scans once the device is
+      // live (lib/partitions.ts). Older kernels scan there whatever we ask.
+      if (hasFeature(features, UBLK_F_NO_AUTO_PART_SCAN)) flags |= BigInt(UBLK_F_NO_AUTO_PART_SCAN);
       if (opts.recoverable && hasFeature(features, UBLK_F_USER_RECOVERY)) {
         flags |= BigInt(UBLK_F_USER_RECOVERY);
         if (hasFeature(features, UBLK_F_USER_RECOVERY_REISSUE)) {

@@ -65,6 +65,8 @@ export interface DeviceRecord {
     offsetBytes?: number;
     sizeLimitBytes?: number;
     sectorBytes?: number;
+    /** Attached with `--partscan`. */
+    partscan?: boolean;
   };
 }
 

@@ -59,6 +59,8 @@ import {
 } from "./registry.ts";
 import { fileInUseError } from "./validate.ts";
 import { checkSectorSize, type Layout, regionLength } from "./region.ts";
+import { partitionsOf, scanPartitions } from "./partitions.ts";
+import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 
 export interface ServerOptions {
   filePath: string;
@@ -71,6 +73,8 @@ export interface ServerOptions {
   sizeLimitBytes: number;
   /** Absent: the logical block size of the filesystem's device. */
   sectorBytes?: number;
+  /** Scan the partition table once the device is live (`lib/partitions.ts`). */
+  partscan: boolean;
   recoverable: boolean;
   logPath: string;
   /** st_dev/st_ino `attach` validated: the server refuses a file swapped in since. */
@@ -401,6 +405,17 @@ class Server {
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
         `(id ${device.id})`,
     );
+    if (o.partscan && o.recoverDeviceId === undefined) {
+      // Where the kernel scanned in START_DEV (no UBLK_F_NO_AUTO_PART_SCAN) only the nodes
+      // are waited for. A table that cannot be read leaves the device without partitions.
+      const scanned = !hasFeature(device.flags, UBLK_F_NO_AUTO_PART_SCAN);
+      try {
+        const parts = await scanPartitions(device.blockPath, scanned);
+        log(`partitions: ${parts.map((p) => p.name).join(", ") || "none"}`);
+      } catch (e) {
+        log(`partition scan failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }
   }
 
   #openControlSocket(): void {
@@ -433,6 +448,7 @@ class Server {
         offsetBytes: o.offsetBytes,
         sizeLimitBytes: o.sizeLimitBytes,
         sectorBytes: this.#sectorBytes,
+        partscan: o.partscan,
       },
     };
     writeRecord(record);
@@ -607,6 +623,8 @@ class Server {
       sizeLimitBytes: this.#opts.sizeLimitBytes,
       sizeBytes: this.#deviceSizeBytes,
       sectorBytes: this.#sectorBytes,
+      partscan: this.#opts.partscan,
+      partitions: r ? partitionsOf(r.blockPath).map((p) => p.name) : [],
       queues: this.#opts.queues,
       depth: this.#opts.depth,
       server: { pid: Deno.pid, state: this.#stopping ? "stopping" : "running" },

@@ -53,7 +53,7 @@ const FLOOR_KIB = MAX_IO_BYTES_FLOOR / 1024;
 const BUDGET_MIB = QUEUE_BUFFER_BUDGET_BYTES / (1024 * 1024);
 
 const HELP = `Usage: fastloop attach FILE [--read-only] [--offset BYTES] [--sizelimit BYTES]
-                            [--sector-size 512|4096] [--queues N] [--depth N]
+                            [--sector-size 512|4096] [--partscan] [--queues N] [--depth N]
                             [--no-recover] [--json]
 
 Attach the regular file FILE as a ublk block device and print its path (/dev/ublkbN).
@@ -70,6 +70,10 @@ Options:
   -b, --sector-size N   the device's logical block size, 512 or 4096 (like losetup -b; default:
                         that of the filesystem's device); not below the filesystem device's,
                         which IO through the file with O_DIRECT needs
+  -P, --partscan        scan FILE's partition table: partitions appear as /dev/ublkbNp1, ...
+                        (like losetup -P). Without it the kernel does not scan on Linux 7.0 and
+                        later (UBLK_F_NO_AUTO_PART_SCAN); older kernels (6.12) scan every new
+                        ublk device at start, so its partitions appear either way
   --queues N     number of IO queues, one thread each (${QUEUES_MIN}..${QUEUES_MAX}, default ${QUEUES_DEFAULT})
   --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT});
                  a queue's buffers are depth x largest request; above depth ${SHRINK_ABOVE} the largest
@@ -92,6 +96,7 @@ export const command: Command = {
       "offset": { type: "string", short: "o" },
       "sizelimit": { type: "string" },
       "sector-size": { type: "string", short: "b" },
+      "partscan": { type: "boolean", short: "P" },
       "queues": { type: "string" },
       "depth": { type: "string" },
       "no-recover": { type: "boolean" },
@@ -148,6 +153,7 @@ export const command: Command = {
       target.ino,
       ...layoutArgs(layout),
     ];
+    if (values.partscan) serverArgs.push("--partscan");
     if (readOnly) serverArgs.push("--read-only");
     if (values["no-recover"]) serverArgs.push("--no-recover");
     const child = spawnServer(serverArgs);

@@ -94,6 +94,7 @@ export const command: Command = {
         sectorBytes: r.options.sectorBytes, // absent in older records: the server's default
       }),
     ];
+    if (r.options.partscan) serverArgs.push("--partscan");
     if (r.options.readOnly) serverArgs.push("--read-only");
     const started = performance.now();
     const child = spawnServer(serverArgs);

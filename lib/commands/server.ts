@@ -22,7 +22,7 @@ export const command: Command = {
   help: [
     "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
     "                         [--offset BYTES] [--sizelimit BYTES] [--sector-size N]",
-    "                         [--no-recover] [--dev DEV --ino INO]",
+    "                         [--partscan] [--no-recover] [--dev DEV --ino INO]",
     "                         [--supervise | --supervised] [--recover ID]",
     "",
     "Internal: the background process behind one device, started by 'fastloop attach'.",
@@ -39,6 +39,7 @@ export const command: Command = {
       "offset": { type: "string" },
       "sizelimit": { type: "string" },
       "sector-size": { type: "string" },
+      "partscan": { type: "boolean" },
       "no-recover": { type: "boolean" },
       "dev": { type: "string" },
       "ino": { type: "string" },
@@ -95,6 +96,7 @@ export const command: Command = {
       sectorBytes: values["sector-size"] === undefined
         ? undefined
         : parseIntFlag("__server", "sector-size", values["sector-size"], 0, 512, 4096),
+      partscan: values.partscan ?? false,
       recoverable,
       logPath: values.log,
       expectDev: values.dev,
