@@ -23,6 +23,10 @@ const COMMANDS: Record<string, { summary: string; load: Loader }> = {
     summary: "show attached devices, their IO paths, lease state and counters",
     load: () => import("./lib/commands/stat.ts"),
   },
+  resize: {
+    summary: "make a device take its file's new size, or grow both (like losetup -c)",
+    load: () => import("./lib/commands/resize.ts"),
+  },
   recover: {
     summary: "bring back a device whose server and supervisor are gone (ublk user recovery)",
     load: () => import("./lib/commands/recover.ts"),

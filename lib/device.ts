@@ -98,6 +98,11 @@ export interface Device {
   flags: bigint;
   features: bigint;
   setMode(mode: Mode): Promise<void>;
+  /**
+   * Grows the device to `sizeBytes` (`fastloop resize`; UBLK_F_UPDATE_SIZE): the queues first,
+   * then the kernel, so no request past the size the queues serve can arrive.
+   */
+  resize(sizeBytes: number): Promise<void>;
   counters(): DeviceCounters;
   stop(): Promise<void>;
   delete(): Promise<void>;
@@ -160,10 +165,15 @@ interface Queue {
  * Posts one mailbox command to every live queue and waits until each acknowledged it (setMode:
  * once the IO the new mode forbids has drained) or ended.
  */
-async function postToQueues(queues: Queue[], op: MbOp, mode?: Mode): Promise<void> {
+async function postToQueues(
+  queues: Queue[],
+  op: MbOp,
+  mode?: Mode,
+  sizeBytes?: number,
+): Promise<void> {
   await Promise.all(
     queues.filter((q) => !q.done).map((q) =>
-      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode), () => q.done)
+      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode, sizeBytes), () => q.done)
     ),
   );
 }
@@ -211,6 +221,15 @@ class UblkDevice implements Device {
   setMode(mode: Mode): Promise<void> {
     // One command at a time: each queue's mailbox has one slot.
     const next = this.#mailbox.then(() => postToQueues(this.#q, MbOp.setMode, mode));
+    this.#mailbox = next.catch(() => {});
+    return next;
+  }
+
+  resize(sizeBytes: number): Promise<void> {
+    const next = this.#mailbox.then(async () => {
+      await postToQueues(this.#q, MbOp.setSize, undefined, sizeBytes);
+      await this.#ctl.updateSize(this.id, sizeBytes / 512);
+    });
     this.#mailbox = next.catch(() => {});
     return next;
   }

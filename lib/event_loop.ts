@@ -127,10 +127,10 @@ export class QueueEngine {
   /**
    * The file's size as last seen (at most `#regionEnd`): IO ending past it fails with EIO instead
    * of re-growing a file someone else truncated. Exact while the lease is held (a truncate breaks
-   * it first); looked up again per request in file mode and on leaving it.
+   * it first); looked up again per request in file mode, on leaving it and on a resize.
    */
   #sizeBytes: number;
-  /** The file offset where the device ends: its region's start + its size. */
+  /** The file offset where the device ends: its region's start + its size (`setDeviceSize`). */
   #regionEnd: number;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
@@ -514,6 +514,15 @@ export class QueueEngine {
     this.shared.setMode(mode);
   }
 
+  /**
+   * The device's new size (`fastloop resize`, which grows the file first): requests up to it are
+   * served from now on. Posted before the kernel learns the size, so it never sends one past it.
+   */
+  setDeviceSize(sizeBytes: number): void {
+    this.#regionEnd = this.#cfg.regionOffsetBytes + sizeBytes;
+    this.#refreshSize();
+  }
+
   /** Has the IO that the current mode forbids drained? (file: no direct IO in flight) */
   drained(): boolean {
     return this.mode !== "file" || this.directInflight === 0;
@@ -614,6 +623,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       modeSeq = seq;
       return;
     }
+    if (op === MbOp.setSize) engine.setDeviceSize(shared.postedSizeBytes());
     if (op === MbOp.quit) quit = true;
     shared.acknowledge(seq);
   };

@@ -60,6 +60,7 @@ import {
 import { fileInUseError } from "./validate.ts";
 import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 import { partitionsOf, scanPartitions } from "./partitions.ts";
+import { resizeDevice } from "./resize.ts";
 import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 
 export interface ServerOptions {
@@ -121,9 +122,11 @@ class Server {
   #step = "";
   #identity = { dev: "", ino: "" };
   #fileSizeBytes = 0;
-  /** The device's size: its region's length. */
+  /** The device's size: its region's length (grows with `resize`). */
   #deviceSizeBytes = 0;
   #sectorBytes = 512;
+  /** Serialises resizes: each one reads the sizes it changes. */
+  #resizing: Promise<unknown> = Promise.resolve();
   #backingFd = -1;
   #blockSizes = { logical: 512, physical: 4096 };
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
@@ -336,8 +339,8 @@ class Server {
 
   /**
    * The device's region of the file (`lib/region.ts`): checked against the file for a new
-   * device. A device taken over keeps the size the kernel has for it, whatever the file's size
-   * is now: IO past the file's end fails with EIO.
+   * device. A device taken over keeps the size the kernel has for it (a `resize` may have grown
+   * it since attach), whatever the file's size is now: IO past the file's end fails with EIO.
    */
   #placeDevice(): void {
     const o = this.#opts;
@@ -594,9 +597,33 @@ class Server {
         log("detach requested over the control socket");
         await this.stop("detach command");
         return { ok: true };
+      case "resize": {
+        const sizeBytes = (request as { sizeBytes?: unknown }).sizeBytes;
+        const next = this.#resizing.then(() => this.#resize(sizeBytes));
+        this.#resizing = next.catch(() => {});
+        return await next;
+      }
       default:
         return { ok: false, error: `Unknown command ${JSON.stringify(request.cmd)}` };
     }
+  }
+
+  /** `fastloop resize` (lib/resize.ts), one at a time. */
+  async #resize(sizeBytes: unknown): Promise<Record<string, unknown>> {
+    if (this.#stopping) {
+      return { ok: false, error: "the device is being detached", exitCode: ExitCode.busy };
+    }
+    const o = this.#opts;
+    const r = await resizeDevice({
+      device: this.#device!,
+      fileFd: this.#fileFd,
+      filePath: o.filePath,
+      readOnly: o.readOnly,
+      layout: this.#layout(),
+      deviceSizeBytes: this.#deviceSizeBytes,
+    }, sizeBytes);
+    if (r.ok) this.#deviceSizeBytes = r.sizeBytes;
+    return r;
   }
 
   /** What `fastloop stat` shows for this device. */

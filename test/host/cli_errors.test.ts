@@ -42,9 +42,9 @@ function writeFile(path: string, sizeBytes: number): void {
   f.close();
 }
 
-Deno.test("attach, detach and stat each print their usage for --help and exit 0", async () => {
+Deno.test("attach, detach, stat and resize each print their usage for --help and exit 0", async () => {
   await withScratch(async (_dir, runDir) => {
-    for (const cmd of ["attach", "detach", "stat"]) {
+    for (const cmd of ["attach", "detach", "stat", "resize"]) {
       const run = await fastloop([cmd, "--help"], { runDir });
       assert.deepEqual(run.code, 0, cmd);
       assert.match(run.stdout, new RegExp(`^Usage: fastloop ${cmd} `), cmd);
@@ -154,7 +154,7 @@ Deno.test("attach refuses a region or sector size that does not fit the file: on
   });
 });
 
-Deno.test("attach refuses malformed sizes and sector sizes with exit 2", async () => {
+Deno.test("attach, resize and stat refuse malformed sizes, sector sizes and columns with exit 2", async () => {
   await withScratch(async (dir, runDir) => {
     const file = `${dir}/disk.img`;
     writeFile(file, 8 << 20);
@@ -165,10 +165,30 @@ Deno.test("attach refuses malformed sizes and sector sizes with exit 2", async (
       [["attach", "--offset", "1.5M", file], /--offset must be a size in bytes .*got "1\.5M"$/],
       [["attach", "--offset", "-1", file], /argument is ambiguous|must be a size/],
       [["attach", "--sizelimit", "lots", file], /--sizelimit must be a size in bytes/],
+      [["resize", "--size", "big", file], /--size must be a size in bytes/],
+      [["resize", "--size", "0", file], /--size must be more than 0/],
+      [["resize"], /expected exactly one DEV or FILE, got 0/],
     ];
     for (const [args, pattern] of cases) {
       assertOneLineError(await fastloop(args, { runDir }), 2, pattern, args.join(" "));
     }
+  });
+});
+
+Deno.test("resize of a device or file that is not attached: one line, exit 7", async () => {
+  await withScratch(async (dir, runDir) => {
+    const file = `${dir}/disk.img`;
+    writeFile(file, 8 << 20);
+    const cases: Array<[string[], RegExp]> = [
+      [["resize", "/dev/ublkb7"], /'?\/dev\/ublkb7'? is not attached by fastloop$/],
+      [["resize", "ublkb3", "--size", "16M"], /ublkb3'? is not attached by fastloop$/],
+      [["resize", file], /disk\.img'? is not attached$/],
+      [["resize", `${dir}/missing.img`], /is not attached \(no such device or file\)$/],
+    ];
+    for (const [args, pattern] of cases) {
+      assertOneLineError(await fastloop(args, { runDir }), 7, pattern, args.join(" "));
+    }
+    assert.equal(Deno.statSync(file).size, 8 << 20, "the file is untouched");
   });
 });
 
@@ -361,6 +381,7 @@ Deno.test("every command refuses a non-root user with exit 6", async () => {
       ["attach", `${dir}/good.img`],
       ["detach", "--all"],
       ["stat"],
+      ["resize", `${dir}/good.img`],
     ];
     for (const args of commands) {
       const run = await fastloop(args, { runDir, asUser: 65534 });

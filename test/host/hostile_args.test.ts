@@ -225,7 +225,7 @@ Deno.test("numeric options: empty, negative, huge, hex, exponent, padded and fra
   });
 });
 
-Deno.test("size options (--offset, --sizelimit, --sector-size): hostile values exit 2", async () => {
+Deno.test("size options (--offset, --sizelimit, --size, --sector-size): hostile values exit 2", async () => {
   await withScratch(async ({ good, runDir }) => {
     const values: Array<[string, RegExp]> = [
       ["", /must be a size in bytes such as 1048576, 1M or 4GiB, got ""$/],
@@ -245,6 +245,7 @@ Deno.test("size options (--offset, --sizelimit, --sector-size): hostile values e
         pattern,
         what: `--sizelimit ${i}`,
       },
+      { args: ["resize", `--size=${value}`, good], code: 2, pattern, what: `--size ${i}` },
     ]);
     for (const value of ["", "513", "4097", "9".repeat(100_000), "x".repeat(100_000)]) {
       cases.push({

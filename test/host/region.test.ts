@@ -166,3 +166,32 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: "engine grown by setDeviceSize serves the new tail, which it refused before",
+  ignore: !root,
+  async fn() {
+    await withFilesystem("ext4", {}, async (fs) => {
+      const file = `${fs.dir}/img`;
+      await writeAt(file, 0, patternBytes(2 * MiB, 31));
+      const h = new Harness(file, fs.device, MiB, { regionOffsetBytes: MiB });
+      try {
+        assert.equal(h.serve(0, UBLK_IO_OP_READ, MiB, 4 * KiB), -EIO, "past the device's end");
+        // What `resize --size` does: the server grows the file on its own fd, then the queues.
+        await run("truncate", ["-s", "4M", file]);
+        h.engine.setDeviceSize(3 * MiB);
+        for (const at of [MiB, 2 * MiB]) {
+          assert.equal(h.serve(0, UBLK_IO_OP_READ, at, MiB), MiB);
+          assertSameBytes(h.buffer(0, MiB), new Uint8Array(MiB), "the new tail is a hole");
+        }
+        const c = patternBytes(64 * KiB, 32);
+        h.fill(1, c);
+        assert.equal(h.serve(1, UBLK_IO_OP_WRITE, 3 * MiB - 64 * KiB, c.length), c.length);
+        assertSameBytes(await readDirect(file, 4 * MiB - 64 * KiB, c.length), c, "the write");
+        assert.equal(h.serve(2, UBLK_IO_OP_READ, 3 * MiB, 4 * KiB), -EIO, "still bounded");
+      } finally {
+        h.close();
+      }
+    });
+  },
+});
