@@ -20,7 +20,7 @@ const COMMANDS: Record<string, { summary: string; load: Loader }> = {
     load: () => import("./lib/commands/detach.ts"),
   },
   stat: {
-    summary: "show attached devices, their IO paths, lease state and counters",
+    summary: "show attached devices: file, region, size, IO path, lease, server (like losetup -l)",
     load: () => import("./lib/commands/stat.ts"),
   },
   resize: {

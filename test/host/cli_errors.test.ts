@@ -168,6 +168,9 @@ Deno.test("attach, resize and stat refuse malformed sizes, sector sizes and colu
       [["resize", "--size", "big", file], /--size must be a size in bytes/],
       [["resize", "--size", "0", file], /--size must be more than 0/],
       [["resize"], /expected exactly one DEV or FILE, got 0/],
+      [["stat", "--output", "DEVICE,NOPE"], /unknown column "NOPE" in --output \(columns: DEVICE,/],
+      [["stat", "--verbose", "--output", "DEVICE"], /--verbose or --output, not both/],
+      [["stat", "--json", "--verbose"], /--json prints every field/],
     ];
     for (const [args, pattern] of cases) {
       assertOneLineError(await fastloop(args, { runDir }), 2, pattern, args.join(" "));

@@ -1,5 +1,5 @@
-// A device that is a region of its file (`attach --offset/--sizelimit`) and its sector size,
-// without ublk. The engine runs on a real ext4 on a loop device
+// A device that is a region of its file (`attach --offset/--sizelimit`), its sector size and
+// `fastloop stat`'s table, without ublk. The engine runs on a real ext4 on a loop device
 // (lib/event_loop.ts through test/host/engine_harness.ts); the oracles are the file read with
 // O_DIRECT through the filesystem (`dd`), `filefrag` and the file's bytes outside the region,
 // which must not change.
@@ -14,6 +14,7 @@ import {
 } from "../../ffi/ublk_cmd.ts";
 import { Counter } from "../../lib/queue_state.ts";
 import { growableLength, parseByteSize, parseSectorSize, regionLength } from "../../lib/region.ts";
+import { COLUMNS, selectColumns, table } from "../../lib/commands/stat.ts";
 import { ExitCode, UserError } from "../../lib/errors.ts";
 import { Harness } from "./engine_harness.ts";
 import { isRoot, patternBytes, readDirect, run, withFilesystem, writeAt } from "./fs_fixtures.ts";
@@ -194,4 +195,60 @@ Deno.test({
       }
     });
   },
+});
+
+Deno.test("stat's default columns are the ones losetup -l users scan; --verbose has every column", () => {
+  const brief = selectColumns(undefined, false).map((c) => c.name);
+  assert.deepEqual(brief, [
+    "DEVICE",
+    "FILE",
+    "OFFSET",
+    "SIZELIMIT",
+    "SIZE",
+    "PATH",
+    "LEASE",
+    "RO",
+    "SERVER",
+  ]);
+  assert.equal(selectColumns(undefined, true).length, COLUMNS.length);
+  assert.deepEqual(
+    selectColumns("size,Device, offset", false).map((c) => c.name),
+    ["SIZE", "DEVICE", "OFFSET"],
+  );
+  assert.throws(
+    () => selectColumns("DEVICE,BOGUS", false),
+    (e: unknown) =>
+      e instanceof UserError && e.exitCode === ExitCode.usage &&
+      /unknown column "BOGUS" in --output \(columns: DEVICE,FILE,/.test(e.message),
+  );
+  const row = {
+    device: "/dev/ublkb3",
+    file: "/mnt/disk image.img",
+    offsetBytes: 1048576,
+    sizeLimitBytes: 4194304,
+    sizeBytes: 4194304,
+    mode: "fast",
+    lease: "write",
+    readOnly: false,
+    server: { pid: 42, state: "running" },
+    counters: {
+      bytesRead: { direct: 4096, file: 512, zero: 0 },
+      bytesWritten: { direct: 0, file: 0 },
+    },
+  };
+  const lines = table([row], selectColumns(undefined, false)).split("\n");
+  assert.equal(lines.length, 2);
+  assert.deepEqual(lines[0]!.split(/\s+/), brief);
+  assert.deepEqual(lines[1]!.split(/\s{2,}/), [
+    "/dev/ublkb3",
+    '"/mnt/disk image.img"',
+    "1048576",
+    "4194304",
+    "4.0M",
+    "mixed",
+    "write",
+    "0",
+    "running(42)",
+  ]);
+  assert.equal(table([row], selectColumns("DEVICE,PATH", false), false), "/dev/ublkb3  mixed");
 });
