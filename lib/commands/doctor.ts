@@ -6,7 +6,13 @@ import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UserError } from "../errors.ts";
 import { geteuid, pathExists } from "../../ffi/libc.ts";
 import { IoUring } from "../../ffi/io_uring.ts";
-import { featureNames, hasFeature, UBLK_F_USER_RECOVERY } from "../../ffi/ublk_cmd.ts";
+import {
+  featureNames,
+  hasFeature,
+  UBLK_F_NO_AUTO_PART_SCAN,
+  UBLK_F_UPDATE_SIZE,
+  UBLK_F_USER_RECOVERY,
+} from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
 import { quotePath } from "../registry.ts";
 import {
@@ -148,6 +154,27 @@ export async function runChecks(): Promise<DoctorReport> {
         ? "USER_RECOVERY offered: devices survive a server restart"
         : "USER_RECOVERY missing: a dead server fails the device",
       fix: "use a kernel 6.1 or newer with UBLK_F_USER_RECOVERY",
+      required: false,
+    });
+    const resize = hasFeature(features, UBLK_F_UPDATE_SIZE);
+    checks.push({
+      name: "ublk resize",
+      ok: resize,
+      detail: resize
+        ? "UPDATE_SIZE offered: 'fastloop resize' grows a live device"
+        : "UPDATE_SIZE missing: 'fastloop resize' exits 5",
+      fix: "use a kernel 6.16 or newer (UBLK_F_UPDATE_SIZE)",
+      required: false,
+    });
+    const noScan = hasFeature(features, UBLK_F_NO_AUTO_PART_SCAN);
+    checks.push({
+      name: "ublk partition scan",
+      ok: noScan,
+      detail: noScan
+        ? "NO_AUTO_PART_SCAN offered: partitions are scanned only with attach --partscan"
+        : "NO_AUTO_PART_SCAN missing: the kernel scans each new device's partition table " +
+          "at start, with --partscan or not",
+      fix: "use a kernel 7.0 or newer (UBLK_F_NO_AUTO_PART_SCAN)",
       required: false,
     });
   }
