@@ -20,8 +20,12 @@ const COMMANDS: Record<string, { summary: string; load: Loader }> = {
     load: () => import("./lib/commands/detach.ts"),
   },
   stat: {
-    summary: "show attached devices, their IO paths, lease state and counters",
+    summary: "show attached devices: file, region, size, IO path, lease, server (like losetup -l)",
     load: () => import("./lib/commands/stat.ts"),
+  },
+  resize: {
+    summary: "make a device take its file's new size, or grow both (like losetup -c)",
+    load: () => import("./lib/commands/resize.ts"),
   },
   recover: {
     summary: "bring back a device whose server and supervisor are gone (ublk user recovery)",

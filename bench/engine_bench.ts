@@ -208,6 +208,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     filePath: t.file,
     backingFd,
     fileSizeBytes: fileBytes,
+    regionOffsetBytes: 0,
     logicalBlockSize: t.logicalBlockSize,
     readOnly: false,
     mode: "fast",

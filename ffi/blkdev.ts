@@ -1,7 +1,8 @@
 //! Block devices and filesystems under a file (`linux/fs.h` block ioctls, `linux/magic.h`):
 //! file → the device its filesystem lives on (`st_dev` → major:minor → `/sys/dev/block/M:m` →
-//! `/dev/NAME`), device size and sector sizes (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`), the
-//! filesystem type from the statfs magic, and `FS_IOC_FSGETXATTR` (XFS realtime files).
+//! `/dev/NAME`), device size and sector sizes (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`), a
+//! partition table re-read (`BLKRRPART`), the filesystem type from the statfs magic, and
+//! `FS_IOC_FSGETXATTR` (XFS realtime files).
 
 import { ENOENT, SyscallError } from "./errno.ts";
 import {
@@ -25,6 +26,8 @@ export const BLKGETSIZE64 = 0x80081272n;
 export const BLKSSZGET = 0x1268n;
 /** `_IO(0x12, 123)`: physical block size into an `unsigned int`. */
 export const BLKPBSZGET = 0x127bn;
+/** `_IO(0x12, 95)`: re-read the partition table (CAP_SYS_ADMIN; EBUSY while a partition is open). */
+export const BLKRRPART = 0x125fn;
 
 /** `_IOR('X', 31, struct fsxattr)`; sizeof(struct fsxattr) = 28. */
 export const FS_IOC_FSGETXATTR = 0x801c581fn;
@@ -262,6 +265,11 @@ export function physicalBlockSize(fd: number, object = `fd ${fd}`): number {
   const out = new Uint32Array(1);
   ioctl(fd, BLKPBSZGET, Deno.UnsafePointer.of(out), "BLKPBSZGET", object);
   return out[0]!;
+}
+
+/** `BLKRRPART` on an open whole disk: the kernel reads its partition table again. */
+export function rereadPartitions(fd: number, object = `fd ${fd}`): void {
+  ioctl(fd, BLKRRPART, null, "BLKRRPART", object);
 }
 
 /** `FS_IOC_GETFLAGS`: the inode flags (`FS_*_FL`); throws on filesystems without it (ENOTTY). */

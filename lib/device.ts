@@ -18,6 +18,7 @@ import {
   UBLK_ATTR_VOLATILE_CACHE,
   UBLK_F_AUTO_BUF_REG,
   UBLK_F_CMD_IOCTL_ENCODE,
+  UBLK_F_NO_AUTO_PART_SCAN,
   UBLK_F_SUPPORT_ZERO_COPY,
   UBLK_F_USER_RECOVERY,
   UBLK_F_USER_RECOVERY_REISSUE,
@@ -44,7 +45,10 @@ export interface DeviceOptions {
   filePath: string;
   /** The one fd of the file (O_RDWR|O_DIRECT, or O_RDONLY|O_DIRECT), the lease's fd. */
   fileFd: number;
+  /** The device's size: the length of its region of the file. */
   fileSizeBytes: number;
+  /** Where the device starts in the file (`attach --offset`). */
+  regionOffsetBytes: number;
   /** The filesystem's block device, O_RDWR|O_DIRECT, or -1 when not eligible. */
   backingFd: number;
   logicalBlockSize: number;
@@ -102,6 +106,11 @@ export interface Device {
   /** How request data reaches the backend: zero copy (UBLK_F_AUTO_BUF_REG) or copy. */
   dataMode: DataMode;
   setMode(mode: Mode): Promise<void>;
+  /**
+   * Grows the device to `sizeBytes` (`fastloop resize`; UBLK_F_UPDATE_SIZE): the queues first,
+   * then the kernel, so no request past the size the queues serve can arrive.
+   */
+  resize(sizeBytes: number): Promise<void>;
   /** The queues' counters, the extent cache's figures fresh (each queue is asked for them). */
   counters(): Promise<DeviceCounters>;
   stop(): Promise<void>;
@@ -167,10 +176,15 @@ interface Queue {
  * Posts one mailbox command to every live queue and waits until each acknowledged it (setMode:
  * once the IO the new mode forbids has drained) or ended.
  */
-async function postToQueues(queues: Queue[], op: MbOp, mode?: Mode): Promise<void> {
+async function postToQueues(
+  queues: Queue[],
+  op: MbOp,
+  mode?: Mode,
+  sizeBytes?: number,
+): Promise<void> {
   await Promise.all(
     queues.filter((q) => !q.done).map((q) =>
-      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode), () => q.done)
+      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode, sizeBytes), () => q.done)
     ),
   );
 }
@@ -220,6 +234,15 @@ class UblkDevice implements Device {
   setMode(mode: Mode): Promise<void> {
     // One command at a time: each queue's mailbox has one slot.
     const next = this.#mailbox.then(() => postToQueues(this.#q, MbOp.setMode, mode));
+    this.#mailbox = next.catch(() => {});
+    return next;
+  }
+
+  resize(sizeBytes: number): Promise<void> {
+    const next = this.#mailbox.then(async () => {
+      await postToQueues(this.#q, MbOp.setSize, undefined, sizeBytes);
+      await this.#ctl.updateSize(this.id, sizeBytes / 512);
+    });
     this.#mailbox = next.catch(() => {});
     return next;
   }
@@ -442,6 +465,9 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
     } else {
       let flags = 0n;
       if (hasFeature(features, UBLK_F_CMD_IOCTL_ENCODE)) flags |= BigInt(UBLK_F_CMD_IOCTL_ENCODE);
+      // No partition scan inside START_DEV (7.0+): `attach --partscan` scans once the device is
+      // live (lib/partitions.ts). Older kernels scan there whatever we ask.
+      if (hasFeature(features, UBLK_F_NO_AUTO_PART_SCAN)) flags |= BigInt(UBLK_F_NO_AUTO_PART_SCAN);
       if (opts.recoverable && hasFeature(features, UBLK_F_USER_RECOVERY)) {
         flags |= BigInt(UBLK_F_USER_RECOVERY);
         if (hasFeature(features, UBLK_F_USER_RECOVERY_REISSUE)) {
@@ -499,6 +525,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       filePath: opts.filePath,
       backingFd: opts.backingFd,
       fileSizeBytes: opts.fileSizeBytes,
+      regionOffsetBytes: opts.regionOffsetBytes,
       logicalBlockSize: opts.logicalBlockSize,
       readOnly: opts.readOnly,
       mode: opts.mode,

@@ -130,14 +130,16 @@ export class QueueEngine {
   /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
   readonly #fsBlockBytes: number;
   /**
-   * The file's size as last seen (at most the device's): IO ending past it fails with EIO instead
+   * The file's size as last seen (at most `#regionEnd`): IO ending past it fails with EIO instead
    * of re-growing a file someone else truncated. Exact while the lease is held (a truncate breaks
-   * it first); looked up again per request in file mode and on leaving it.
+   * it first); looked up again per request in file mode, on leaving it and on a resize.
    */
   #sizeBytes: number;
+  /** The file offset where the device ends: its region's start + its size (`setDeviceSize`). */
+  #regionEnd: number;
   /** A write or allocation went through the file since the last FLUSH. */
   #fileDirty = false;
-  
+
   readonly #startPunch = (req: Request) => this.#punch(req);
 
   constructor(cfg: QueueConfig, ring: IoUring, desc: DataView, completer: Completer) {
@@ -146,7 +148,9 @@ export class QueueEngine {
     this.#desc = desc;
     this.#completer = completer;
     this.mode = cfg.mode;
-    this.#sizeBytes = cfg.fileSizeBytes;
+    this.#regionEnd = cfg.regionOffsetBytes + cfg.fileSizeBytes;
+    this.#sizeBytes = this.#regionEnd;
+    this.#refreshSize();
     this.#fsBlockBytes = filesystemBlockBytes(cfg);
     this.shared = new QueueShared(cfg.sab, cfg.queues, cfg.queueId);
     for (let tag = 0; tag < cfg.depth; tag++) this.#requests.push(new Request(tag));
@@ -170,7 +174,7 @@ export class QueueEngine {
         fiemap(cfg.fileFd, offset, length, { path: cfg.filePath, maxExtents }),
     };
     this.#cache = cfg.backingFd < 0 ? null : new ExtentCache(source, {
-      fileSizeBytes: cfg.fileSizeBytes,
+      fileSizeBytes: this.#sizeBytes,
       maxExtents: cfg.maxExtents,
       blockSize: cfg.logicalBlockSize,
     });
@@ -181,7 +185,7 @@ export class QueueEngine {
 
   handleRequest(tag: number): void {
     const req = this.#requests[tag]!;
-    req.readDescriptor(this.#desc);
+    req.readDescriptor(this.#desc, this.#cfg.regionOffsetBytes);
     const c = this.shared.counters;
     c[Counter.inflight]!++;
     const end = req.offset + req.length;
@@ -191,7 +195,7 @@ export class QueueEngine {
       case UBLK_IO_OP_READ:
       case UBLK_IO_OP_WRITE:
         c[req.op === UBLK_IO_OP_READ ? Counter.reads : Counter.writes]!++;
-        if (end > this.#cfg.fileSizeBytes || req.length > this.#cfg.maxIoBytes) {
+        if (end > this.#regionEnd || req.length > this.#cfg.maxIoBytes) {
           return this.#finish(req, -EIO);
         }
         if (req.op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(req, -EROFS);
@@ -206,7 +210,7 @@ export class QueueEngine {
       case UBLK_IO_OP_WRITE_ZEROES:
         c[req.op === UBLK_IO_OP_DISCARD ? Counter.discards : Counter.writeZeroes]!++;
         if (this.#cfg.readOnly) return this.#finish(req, -EROFS);
-        if (end > this.#cfg.fileSizeBytes || end > this.#currentSize()) {
+        if (end > this.#regionEnd || end > this.#currentSize()) {
           return this.#finish(req, -EIO);
         }
         this.#fence.defer(req);
@@ -519,6 +523,15 @@ export class QueueEngine {
     this.shared.setMode(mode);
   }
 
+  /**
+   * The device's new size (`fastloop resize`, which grows the file first): requests up to it are
+   * served from now on. Posted before the kernel learns the size, so it never sends one past it.
+   */
+  setDeviceSize(sizeBytes: number): void {
+    this.#regionEnd = this.#cfg.regionOffsetBytes + sizeBytes;
+    this.#refreshSize();
+  }
+
   /** Has the IO that the current mode forbids drained? (file: no direct IO in flight) */
   drained(): boolean {
     return this.mode !== "file" || this.directInflight === 0;
@@ -561,7 +574,7 @@ export class QueueEngine {
     } catch {
       return; // fstat on an open fd does not fail in practice; keep the last size
     }
-    const next = Math.min(this.#cfg.fileSizeBytes, size);
+    const next = Math.min(this.#regionEnd, size);
     if (next !== this.#sizeBytes) {
       this.#sizeBytes = next;
       this.#cache?.resize(next);
@@ -627,6 +640,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       return;
     }
     if (op === MbOp.stats) engine.publishStats();
+    if (op === MbOp.setSize) engine.setDeviceSize(shared.postedSizeBytes());
     if (op === MbOp.quit) quit = true;
     shared.acknowledge(seq);
   };

@@ -1,9 +1,9 @@
 //! What the queues of a device share with its main thread: one `SharedArrayBuffer` holding, per
-//! queue, a mailbox (the main thread's commands: set the mode, quit), the queue's state and mode,
-//! its counters (one writer: the queue's Worker; Float64, so byte counts do not wrap) and its last
-//! error behind a seqlock; then the cross-queue region of `lib/queue_fence.ts`. `lib/device.ts`
-//! posts to the mailboxes and reads the counters; `stat` gets them from there without waking a
-//! queue.
+//! queue, a mailbox (the main thread's commands: set the mode, set the size, quit), the queue's
+//! state and mode, its counters (one writer: the queue's Worker; Float64, so byte counts do not
+//! wrap) and its last error behind a seqlock; then the cross-queue region of
+//! `lib/queue_fence.ts`. `lib/device.ts` posts to the mailboxes and reads the counters; `stat`
+//! gets them from there without waking a queue.
 //!
 //! A queue's Worker sleeps in io_uring_enter and cannot receive `postMessage`, so a command is
 //! posted by writing the mailbox, then the queue's eventfd (the doorbell: the Worker keeps a read
@@ -34,7 +34,14 @@ export interface QueueConfig {
   filePath: string;
   /** The filesystem's block device, O_DIRECT, or -1 when the filesystem is not eligible. */
   backingFd: number;
+  /** The device's size at start: the length of its region of the file (`regionOffsetBytes` on). */
   fileSizeBytes: number;
+  /**
+   * Where the device starts in the file (`attach --offset`): device offset + this = file offset,
+   * added once per request (`Request.readDescriptor`); everything after works in file offsets.
+   */
+  regionOffsetBytes: number;
+  /** The device's logical block size (`attach --sector-size`; at least the filesystem device's). */
   logicalBlockSize: number;
   readOnly: boolean;
   mode: Mode;
@@ -78,7 +85,7 @@ const MODES: readonly Mode[] = ["fast", "file"];
 
 // --- layout: per queue CTRL_WORDS Int32 words, then COUNTERS Float64 counters ------------------
 
-const CTRL_WORDS = 8;
+const CTRL_WORDS = 10;
 const CTRL_MB_SEQ = 0; // mailbox: sequence of the last command posted (main thread)
 const CTRL_MB_ACK = 1; // mailbox: sequence of the last command done (worker)
 const CTRL_MB_OP = 2; // mailbox: MbOp
@@ -86,9 +93,14 @@ const CTRL_MB_MODE = 3; // mailbox: the mode setMode asks for
 const CTRL_STATE = 4; // QueueState, written by the worker
 const CTRL_MODE = 5; // the mode in force (worker)
 const CTRL_ERR_SEQ = 6; // seqlock of the last-error slots: odd while the worker writes them
+const CTRL_MB_ARG_LO = 7; // mailbox: setSize's size in 512-byte sectors, low and high 32 bits
+const CTRL_MB_ARG_HI = 8;
 
-/** setMode: switch and drain; stats: copy the extent cache's figures into the counters; quit. */
-export const MbOp = { none: 0, setMode: 1, stats: 2, quit: 3 } as const;
+/**
+ * Mailbox commands: set the mode (and drain), copy the extent cache's figures into the counters,
+ * quit, set the device's size (`fastloop resize`).
+ */
+export const MbOp = { none: 0, setMode: 1, stats: 2, quit: 3, setSize: 4 } as const;
 export type MbOp = (typeof MbOp)[keyof typeof MbOp];
 export const QueueState = { starting: 0, fetching: 1, exited: 2, failed: 3 } as const;
 
@@ -188,11 +200,15 @@ export class QueueShared {
   // --- the main thread's side ---------------------------------------------------------------
 
   /**
-   * Posts `op` (with `mode` for setMode) and rings the queue's doorbell; returns the sequence
-   * number `acknowledged` waits for. One command at a time per queue (the caller serialises).
+   * Posts `op` (with `mode` for setMode, `sizeBytes` for setSize: a multiple of 512) and rings
+   * the queue's doorbell; returns the sequence number `acknowledged` waits for. One command at a
+   * time per queue (the caller serialises).
    */
-  post(op: MbOp, eventFd: number, mode: Mode = "file"): number {
+  post(op: MbOp, eventFd: number, mode: Mode = "file", sizeBytes = 0): number {
     Atomics.store(this.#ctrl, CTRL_MB_MODE, MODES.indexOf(mode));
+    const sectors = Math.floor(sizeBytes / 512);
+    Atomics.store(this.#ctrl, CTRL_MB_ARG_LO, sectors % 0x1_0000_0000);
+    Atomics.store(this.#ctrl, CTRL_MB_ARG_HI, Math.floor(sectors / 0x1_0000_0000));
     Atomics.store(this.#ctrl, CTRL_MB_OP, op);
     const seq = Atomics.add(this.#ctrl, CTRL_MB_SEQ, 1) + 1;
     ringDoorbell(eventFd);
@@ -252,6 +268,13 @@ export class QueueShared {
 
   postedMode(): Mode {
     return MODES[Atomics.load(this.#ctrl, CTRL_MB_MODE)] ?? "file";
+  }
+
+  /** setSize's size in bytes. */
+  postedSizeBytes(): number {
+    const lo = Atomics.load(this.#ctrl, CTRL_MB_ARG_LO) >>> 0;
+    const hi = Atomics.load(this.#ctrl, CTRL_MB_ARG_HI) >>> 0;
+    return (hi * 0x1_0000_0000 + lo) * 512;
   }
 
   acknowledge(seq: number): void {

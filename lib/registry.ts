@@ -61,6 +61,12 @@ export interface DeviceRecord {
     queues: number;
     depth: number;
     recoverable: boolean;
+    /** The device's region and sector size (`lib/region.ts`); absent in older records: 0, 0, 512. */
+    offsetBytes?: number;
+    sizeLimitBytes?: number;
+    sectorBytes?: number;
+    /** Attached with `--partscan`. */
+    partscan?: boolean;
   };
 }
 

@@ -66,6 +66,7 @@ export class Segment {
 export class Request {
   op = OP_NONE;
   flags = 0;
+  /** Where the request starts in the file (not on the device: see `readDescriptor`). */
   offset = 0;
   length = 0;
   /** Bytes of a read/write already mapped into segments. */
@@ -88,8 +89,13 @@ export class Request {
   readonly segments: Segment[] = [];
   constructor(readonly tag: number) {}
 
-  /** Starts the tag's next request from its descriptor (`desc`: the queue's descriptor area). */
-  readDescriptor(desc: DataView): void {
+  /**
+   * Starts the tag's next request from its descriptor (`desc`: the queue's descriptor area). The
+   * device is the file's region from `regionOffsetBytes` on (`attach --offset`): this is the one
+   * place a device offset becomes a file offset, so every bound, fence, extent lookup and punch
+   * after it works in file offsets. Sectors are 512 bytes whatever the device's sector size.
+   */
+  readDescriptor(desc: DataView, regionOffsetBytes: number): void {
     const at = this.tag * IO_DESC_SIZE;
     const opFlags = desc.getUint32(at + IO_DESC_OP_FLAGS, true);
     // u64 as two halves: no BigInt on the request path.
@@ -97,7 +103,7 @@ export class Request {
       desc.getUint32(at + IO_DESC_START_SECTOR + 4, true) * 0x1_0000_0000;
     this.op = opFlags & 0xff;
     this.flags = opFlags;
-    this.offset = sector * 512;
+    this.offset = regionOffsetBytes + sector * 512;
     this.length = desc.getUint32(at + IO_DESC_NR_SECTORS, true) * 512;
     this.cursor = 0;
     this.pending = 0;

@@ -58,6 +58,10 @@ import {
   writeRecord,
 } from "./registry.ts";
 import { fileInUseError } from "./validate.ts";
+import { checkSectorSize, type Layout, regionLength } from "./region.ts";
+import { partitionsOf, scanPartitions } from "./partitions.ts";
+import { resizeDevice } from "./resize.ts";
+import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 
 export interface ServerOptions {
   filePath: string;
@@ -65,6 +69,13 @@ export interface ServerOptions {
   queues: number;
   depth: number;
   maxIoBytes: number;
+  /** The device's region of the file and its sector size (`lib/region.ts`). */
+  offsetBytes: number;
+  sizeLimitBytes: number;
+  /** Absent: the logical block size of the filesystem's device. */
+  sectorBytes?: number;
+  /** Scan the partition table once the device is live (`lib/partitions.ts`). */
+  partscan: boolean;
   recoverable: boolean;
   logPath: string;
   /** st_dev/st_ino `attach` validated: the server refuses a file swapped in since. */
@@ -111,6 +122,11 @@ class Server {
   #step = "";
   #identity = { dev: "", ino: "" };
   #fileSizeBytes = 0;
+  /** The device's size: its region's length (grows with `resize`). */
+  #deviceSizeBytes = 0;
+  #sectorBytes = 512;
+  /** Serialises resizes: each one reads the sizes it changes. */
+  #resizing: Promise<unknown> = Promise.resolve();
   #backingFd = -1;
   #blockSizes = { logical: 512, physical: 4096 };
   /** The mode the device runs in when the lease is held (file mode if not eligible). */
@@ -207,6 +223,7 @@ class Server {
       ["take the lease", () => this.#takeLease()],
       ["find ublk", () => requireUblk()],
       ["find the direct path", () => this.#findDirectPath()],
+      ["place the device in the file", () => this.#placeDevice()],
       ["start the device", () => this.#startDevice()],
       ["open the control socket", () => this.#openControlSocket()],
       ["write the record", () => this.#writeRecord()],
@@ -257,9 +274,7 @@ class Server {
     if (st.dev.toString() !== this.#identity.dev || st.ino.toString() !== this.#identity.ino) {
       throw new UserError(`${quotePath(o.filePath)} was replaced while attaching; try again`);
     }
-    if (st.size === 0 || st.size % 512 !== 0) {
-      throw new UserError(`${o.filePath} is ${st.size} bytes, not a multiple of 512`);
-    }
+    if (st.size === 0) throw new UserError(`${quotePath(o.filePath)} is empty`);
     this.#fileSizeBytes = st.size;
   }
 
@@ -304,6 +319,8 @@ class Server {
       logical: eligibility.device?.logicalBlockSize ?? 512,
       physical: eligibility.device?.physicalBlockSize ?? 4096,
     };
+    this.#sectorBytes = o.sectorBytes ?? this.#blockSizes.logical;
+    checkSectorSize(this.#sectorBytes, eligibility.device ?? null);
     // Not opening it (a container, a kernel refusing writes to mounted devices) is still correct
     // through the file; `lib/direct_path.ts` says why, for the log and `stat`.
     const direct = await openDirectDevice(eligibility, o.readOnly);
@@ -321,6 +338,33 @@ class Server {
   }
 
   /**
+   * The device's region of the file (`lib/region.ts`): checked against the file for a new
+   * device. A device taken over keeps the size the kernel has for it (a `resize` may have grown
+   * it since attach), whatever the file's size is now: IO past the file's end fails with EIO.
+   */
+  #placeDevice(): void {
+    const o = this.#opts;
+    const layout = this.#layout();
+    if (o.recoverDeviceId !== undefined) {
+      const sectors = Number(readSysfs(`/sys/block/ublkb${o.recoverDeviceId}/size`));
+      if (Number.isSafeInteger(sectors) && sectors > 0) {
+        this.#deviceSizeBytes = sectors * 512;
+        return;
+      }
+    }
+    this.#deviceSizeBytes = regionLength(quotePath(o.filePath), this.#fileSizeBytes, layout);
+  }
+
+  #layout(): Layout {
+    const o = this.#opts;
+    return {
+      offsetBytes: o.offsetBytes,
+      sizeLimitBytes: o.sizeLimitBytes,
+      sectorBytes: this.#sectorBytes,
+    };
+  }
+
+  /**
    * The ublk device, new or taken over. Undo: stop and delete it (detach), except when a recovery
    * fails during start-up: then it is only let go, so its IO waits for the next server.
    */
@@ -333,9 +377,10 @@ class Server {
     const device = await createDevice({
       filePath: o.filePath,
       fileFd: this.#fileFd,
-      fileSizeBytes: this.#fileSizeBytes,
+      fileSizeBytes: this.#deviceSizeBytes,
+      regionOffsetBytes: o.offsetBytes,
       backingFd: this.#backingFd,
-      logicalBlockSize: this.#blockSizes.logical,
+      logicalBlockSize: this.#sectorBytes,
       physicalBlockSize: this.#blockSizes.physical,
       readOnly: o.readOnly,
       queues: o.queues,
@@ -363,6 +408,17 @@ class Server {
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
         `(id ${device.id}; data: ${device.dataMode}, requests up to ${device.maxIoBytes} bytes)`,
     );
+    if (o.partscan && o.recoverDeviceId === undefined) {
+      // Where the kernel scanned in START_DEV (no UBLK_F_NO_AUTO_PART_SCAN) only the nodes
+      // are waited for. A table that cannot be read leaves the device without partitions.
+      const scanned = !hasFeature(device.flags, UBLK_F_NO_AUTO_PART_SCAN);
+      try {
+        const parts = await scanPartitions(device.blockPath, scanned);
+        log(`partitions: ${parts.map((p) => p.name).join(", ") || "none"}`);
+      } catch (e) {
+        log(`partition scan failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }
   }
 
   #openControlSocket(): void {
@@ -392,6 +448,10 @@ class Server {
         queues: o.queues,
         depth: o.depth,
         recoverable: o.recoverable,
+        offsetBytes: o.offsetBytes,
+        sizeLimitBytes: o.sizeLimitBytes,
+        sectorBytes: this.#sectorBytes,
+        partscan: o.partscan,
       },
     };
     writeRecord(record);
@@ -537,9 +597,33 @@ class Server {
         log("detach requested over the control socket");
         await this.stop("detach command");
         return { ok: true };
+      case "resize": {
+        const sizeBytes = (request as { sizeBytes?: unknown }).sizeBytes;
+        const next = this.#resizing.then(() => this.#resize(sizeBytes));
+        this.#resizing = next.catch(() => {});
+        return await next;
+      }
       default:
         return { ok: false, error: `Unknown command ${JSON.stringify(request.cmd)}` };
     }
+  }
+
+  /** `fastloop resize` (lib/resize.ts), one at a time. */
+  async #resize(sizeBytes: unknown): Promise<Record<string, unknown>> {
+    if (this.#stopping) {
+      return { ok: false, error: "the device is being detached", exitCode: ExitCode.busy };
+    }
+    const o = this.#opts;
+    const r = await resizeDevice({
+      device: this.#device!,
+      fileFd: this.#fileFd,
+      filePath: o.filePath,
+      readOnly: o.readOnly,
+      layout: this.#layout(),
+      deviceSizeBytes: this.#deviceSizeBytes,
+    }, sizeBytes);
+    if (r.ok) this.#deviceSizeBytes = r.sizeBytes;
+    return r;
   }
 
   /** What `fastloop stat` shows for this device. */
@@ -562,6 +646,12 @@ class Server {
       transitions: this.#transitionCount,
       recentTransitions: this.#transitions,
       readOnly: this.#opts.readOnly,
+      offsetBytes: this.#opts.offsetBytes,
+      sizeLimitBytes: this.#opts.sizeLimitBytes,
+      sizeBytes: this.#deviceSizeBytes,
+      sectorBytes: this.#sectorBytes,
+      partscan: this.#opts.partscan,
+      partitions: r ? partitionsOf(r.blockPath).map((p) => p.name) : [],
       queues: this.#opts.queues,
       depth: this.#opts.depth,
       dataMode: this.#device?.dataMode,
@@ -618,6 +708,14 @@ function requireUblk(): void {
       "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
       ExitCode.unsupported,
     );
+  }
+}
+
+function readSysfs(path: string): string {
+  try {
+    return Deno.readTextFileSync(path).trim();
+  } catch {
+    return "";
   }
 }
 

@@ -1,5 +1,5 @@
 //! Device lifecycle control on `/dev/ublk-control`: features, add, params, start, stop, delete,
-//! info and user recovery. Each command is an `IORING_OP_URING_CMD` on this module's own io_uring
+//! info, user recovery and resize. Each command is an `IORING_OP_URING_CMD` on this module's own io_uring
 //! (SQE128: the 32-byte `ublksrv_ctrl_cmd` sits at byte 48 of the SQE).
 //!
 //! Why the commands are awaited and not waited for synchronously: the driver refuses control
@@ -49,6 +49,7 @@ import {
   UBLK_U_CMD_START_DEV,
   UBLK_U_CMD_START_USER_RECOVERY,
   UBLK_U_CMD_STOP_DEV,
+  UBLK_U_CMD_UPDATE_SIZE,
   type UblkParams,
 } from "../ffi/ublk_cmd.ts";
 
@@ -73,13 +74,14 @@ const COMMAND_NAMES: Record<number, string> = {
   [iocNr(UBLK_U_CMD_START_USER_RECOVERY)]: "UBLK_CMD_START_USER_RECOVERY",
   [iocNr(UBLK_U_CMD_END_USER_RECOVERY)]: "UBLK_CMD_END_USER_RECOVERY",
   [iocNr(UBLK_U_CMD_GET_FEATURES)]: "UBLK_U_CMD_GET_FEATURES",
+  [iocNr(UBLK_U_CMD_UPDATE_SIZE)]: "UBLK_U_CMD_UPDATE_SIZE",
 };
 
 interface CommandArgs {
   devId: number;
   /** In/out buffer for the command (copied in before, out after). */
   buffer?: Uint8Array;
-  /** `data[0]`: the server pid for START_DEV / END_USER_RECOVERY. */
+  /** `data[0]`: the server pid for START_DEV / END_USER_RECOVERY, the sectors for UPDATE_SIZE. */
   data0?: number;
   /** False for GET_FEATURES, which has no legacy number. */
   legacy?: boolean;
@@ -220,6 +222,17 @@ export class UblkControl {
   /** END_USER_RECOVERY: resolves once the new server's queues have fetched every tag. */
   async endUserRecovery(devId: number, pid: number): Promise<void> {
     await this.#command(UBLK_U_CMD_END_USER_RECOVERY, { devId, data0: pid });
+  }
+
+  /**
+   * UPDATE_SIZE (UBLK_F_UPDATE_SIZE, 6.16+): the live device's capacity becomes `sectors` (512
+   * bytes each, whatever its logical block size) and the kernel tells its users (a uevent, as
+   * `losetup -c` does). No legacy number. Callers check the feature first (older kernels do not
+   * know the command) and send it only to a started device: until a later stable fix the kernel
+   * dereferenced NULL for one that was added but not started, or already stopped.
+   */
+  async updateSize(devId: number, sectors: number): Promise<void> {
+    await this.#command(UBLK_U_CMD_UPDATE_SIZE, { devId, data0: sectors, legacy: false });
   }
 
   /**

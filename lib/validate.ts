@@ -4,6 +4,7 @@
 //! file that is already attached holds a lease that such an open would break.
 
 import { SyscallError } from "../ffi/errno.ts";
+import { backingDeviceOf, BlockDeviceError } from "../ffi/blkdev.ts";
 import {
   close,
   devMajor,
@@ -19,6 +20,7 @@ import {
 } from "../ffi/libc.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import { findByFile, quotePath as quote } from "./registry.ts";
+import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 
 /** Bounds of `--queues` and `--depth`: one Worker thread per queue; ublk's per-queue maximum. */
 export const QUEUES_MIN = 1;
@@ -155,11 +157,6 @@ export function validateAttachFile(path: string, readOnly: boolean): AttachTarge
   if (st.size === 0) {
     throw new UserError(`${name} is empty: a device needs a size that is a multiple of 512 bytes`);
   }
-  if (st.size % SECTOR_BYTES !== 0) {
-    throw new UserError(
-      `${name} is ${st.size} bytes, not a multiple of ${SECTOR_BYTES} (extend it with truncate -s)`,
-    );
-  }
   if (!readOnly && (fs.flags & ST_RDONLY) !== 0) {
     throw new UserError(`${name} is on a read-only filesystem (attach it with --read-only)`);
   }
@@ -179,6 +176,46 @@ export function validateAttachFile(path: string, readOnly: boolean): AttachTarge
     );
   }
   return target;
+}
+
+/** What `attach` asked of the device's place in the file (`lib/region.ts`). */
+export interface LayoutRequest {
+  offsetBytes?: number;
+  sizeLimitBytes?: number;
+  /** Absent: the logical block size of the filesystem's device (512 when it has none). */
+  sectorBytes?: number;
+}
+
+/**
+ * The device's layout in `target` and its size, checked before any server starts: the sector
+ * size against the filesystem's device, the region against the file (`lib/region.ts`).
+ */
+export function validateLayout(
+  target: AttachTarget,
+  asked: LayoutRequest,
+): Layout & { sizeBytes: number } {
+  const device = filesystemDevice(target.path);
+  const sectorBytes = asked.sectorBytes ?? device?.logicalBlockSize ?? SECTOR_BYTES;
+  checkSectorSize(sectorBytes, device);
+  const layout: Layout = {
+    offsetBytes: asked.offsetBytes ?? 0,
+    sizeLimitBytes: asked.sizeLimitBytes ?? 0,
+    sectorBytes,
+  };
+  return { ...layout, sizeBytes: regionLength(quote(target.path), target.sizeBytes, layout) };
+}
+
+/** The block device under the file's filesystem (its path and sector size), or null if none. */
+function filesystemDevice(path: string): { devicePath: string; logicalBlockSize: number } | null {
+  const fd = open(path, O_PATH);
+  try {
+    return backingDeviceOf(fd, path);
+  } catch (e) {
+    if (e instanceof BlockDeviceError) return null; // tmpfs, btrfs, NFS, …: no alignment known
+    throw e;
+  } finally {
+    close(fd);
+  }
 }
 
 /**

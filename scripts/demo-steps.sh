@@ -82,7 +82,7 @@ sum="$(sha256sum <"$inner/hello.bin")"
 step sync
 fl stat
 step umount "$inner"
-fl stat "$dev"
+fl stat --verbose "$dev"
 fl detach "$dev" && dev=""
 
 # 5. The kernel's own view of the file afterwards: e2fsck finds a clean filesystem, and the

@@ -33,7 +33,9 @@ import {
   QUEUES_MIN,
   requireRoot,
   validateAttachFile,
+  validateLayout,
 } from "../validate.ts";
+import { parseByteSize, parseSectorSize } from "../region.ts";
 
 const SIGKILL = 9;
 
@@ -50,14 +52,28 @@ const CEILING_KIB = MAX_IO_BYTES_CEILING / 1024;
 const FLOOR_KIB = MAX_IO_BYTES_FLOOR / 1024;
 const BUDGET_MIB = QUEUE_BUFFER_BUDGET_BYTES / (1024 * 1024);
 
-const HELP = `Usage: fastloop attach FILE [--read-only] [--queues N] [--depth N] [--json]
+const HELP = `Usage: fastloop attach FILE [--read-only] [--offset BYTES] [--sizelimit BYTES]
+                            [--sector-size 512|4096] [--partscan] [--queues N] [--depth N]
+                            [--no-recover] [--json]
 
 Attach the regular file FILE as a ublk block device and print its path (/dev/ublkbN).
 IO goes straight to the file's blocks on the filesystem's own device where that is safe, and
 through the file (O_DIRECT) everywhere else. The file is guarded by a lease while attached.
 
 Options:
-  --read-only    attach read-only (a read lease; the device refuses writes)
+  -r, --read-only       attach read-only (a read lease; the device refuses writes)
+  -o, --offset BYTES    the device starts this far into FILE (like losetup -o); a multiple of
+                        the sector size, inside the file
+  --sizelimit BYTES     the device is at most this long (like losetup --sizelimit; 0: to the
+                        end of FILE); a multiple of the sector size. BYTES may end in K, M, G, T
+                        (KiB, MiB, ...: powers of 1024) or KB, MB, ... (powers of 1000)
+  -b, --sector-size N   the device's logical block size, 512 or 4096 (like losetup -b; default:
+                        that of the filesystem's device); not below the filesystem device's,
+                        which IO through the file with O_DIRECT needs
+  -P, --partscan        scan FILE's partition table: partitions appear as /dev/ublkbNp1, ...
+                        (like losetup -P). Without it the kernel does not scan on Linux 7.0 and
+                        later (UBLK_F_NO_AUTO_PART_SCAN); older kernels (6.12) scan every new
+                        ublk device at start, so its partitions appear either way
   --queues N     number of IO queues, one thread each (${QUEUES_MIN}..${QUEUES_MAX}, default ${QUEUES_DEFAULT})
   --depth N      requests in flight per queue (${DEPTH_MIN}..${DEPTH_MAX}, default ${DEPTH_DEFAULT});
                  a queue's buffers are depth x largest request; above depth ${SHRINK_ABOVE} the largest
@@ -66,8 +82,10 @@ Options:
   --json         print a JSON object instead of the device path
   -h, --help     show this help
 
-Exit codes: 0 attached, 2 usage, 3 unusable file, 4 file in use or already attached,
-5 no ublk in this kernel, 6 not root, 1 other failure.`;
+Exit codes: 0 attached, 2 usage (also a malformed size, a sector size other than 512 or 4096),
+3 unusable file (also an offset past its end, a region not made of whole sectors, a sector size
+below the filesystem device's), 4 file in use or already attached, 5 no ublk in this kernel,
+6 not root, 1 other failure.`;
 
 export const command: Command = {
   summary: "attach FILE as /dev/ublkbN and print the device (like losetup -f --show)",
@@ -75,6 +93,10 @@ export const command: Command = {
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs("attach", args, {
       "read-only": { type: "boolean", short: "r" },
+      "offset": { type: "string", short: "o" },
+      "sizelimit": { type: "string" },
+      "sector-size": { type: "string", short: "b" },
+      "partscan": { type: "boolean", short: "P" },
       "queues": { type: "string" },
       "depth": { type: "string" },
       "no-recover": { type: "boolean" },
@@ -102,8 +124,14 @@ export const command: Command = {
       DEPTH_MIN,
       DEPTH_MAX,
     );
+    const asked = {
+      offsetBytes: parseByteSize("attach", "offset", values.offset),
+      sizeLimitBytes: parseByteSize("attach", "sizelimit", values.sizelimit),
+      sectorBytes: parseSectorSize("attach", values["sector-size"]),
+    };
     requireRoot("attach");
     const target = validateAttachFile(positionals[0]!, readOnly);
+    const layout = validateLayout(target, asked);
 
     ensureRunDir();
     pruneLogs();
@@ -123,7 +151,9 @@ export const command: Command = {
       target.dev,
       "--ino",
       target.ino,
+      ...layoutArgs(layout),
     ];
+    if (values.partscan) serverArgs.push("--partscan");
     if (readOnly) serverArgs.push("--read-only");
     if (values["no-recover"]) serverArgs.push("--no-recover");
     const child = spawnServer(serverArgs);
@@ -177,6 +207,20 @@ export const command: Command = {
     );
   },
 };
+
+/** The layout as `__server` takes it (every server of the device gets the same, `recover` too). */
+export function layoutArgs(
+  layout: { offsetBytes: number; sizeLimitBytes: number; sectorBytes?: number },
+): string[] {
+  const args = [
+    "--offset",
+    String(layout.offsetBytes),
+    "--sizelimit",
+    String(layout.sizeLimitBytes),
+  ];
+  if (layout.sectorBytes !== undefined) args.push("--sector-size", String(layout.sectorBytes));
+  return args;
+}
 
 export function readyTimeoutMs(): number {
   const env = Number(Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS"));

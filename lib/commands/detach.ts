@@ -1,6 +1,7 @@
 //! `fastloop detach DEV|FILE... | --all [--force]`: ask each device's server to stop, drain,
 //! flush, delete the device and release the file, and wait until it has exited. A device in use
-//! (mounted, held exclusively, open by a process) is refused unless `--force`. A device whose
+//! (it or one of its partitions mounted, held exclusively, open by a process) is refused unless
+//! `--force`; its partitions go with it. A device whose
 //! server is dead is cleaned up here directly: DEL_DEV through `/dev/ublk-control`, record removed.
 
 import { EBUSY, SyscallError } from "../../ffi/errno.ts";
@@ -19,6 +20,7 @@ import {
   resolve,
 } from "../registry.ts";
 import { blockDeviceNumbers, mountPointsOf, processesUsing, requireRoot } from "../validate.ts";
+import { partitionsOf } from "../partitions.ts";
 
 /** A detach flushes everything acknowledged: give a slow disk time. */
 const DETACH_TIMEOUT_MS = 120_000;
@@ -29,7 +31,9 @@ const HELP = `Usage: fastloop detach DEV|FILE... [--force]
        fastloop detach --all [--force]
 
 Detach devices attached by fastloop: in-flight IO is drained, everything acknowledged is flushed
-to the disk, the device is deleted, the file's lease released and the server exits.
+to the disk, the device and its partitions (/dev/ublkbNp1, ...) are deleted, the file's lease
+released and the server exits. A device is refused while it or one of its partitions is mounted
+or open.
 DEV is /dev/ublkbN, ublkbN or N; FILE is the attached file (any path to it).
 
 Options:
@@ -38,7 +42,8 @@ Options:
                the way to delete a device whose servers keep dying (its waiting IO fails)
   -h, --help   show this help
 
-Exit codes: 0 detached, 2 usage, 4 device mounted or in use, 6 not root, 7 not attached,
+Exit codes: 0 detached, 2 usage, 4 device or partition mounted or in use, 6 not root,
+7 not attached,
 1 other failure.`;
 
 export const command: Command = {
@@ -140,7 +145,7 @@ export async function detachEntry(entry: RegistryEntry, force: boolean): Promise
   if (left && left.server.pid === record.server.pid) await cleanupDeadDevice(left);
 }
 
-/** Refuses a device that is mounted, claimed exclusively, or open by a process. */
+/** Refuses a device that is (or whose partition is) mounted, claimed, or open by a process. */
 function ensureNotBusy(record: DeviceRecord): void {
   const dev = record.blockPath;
   const numbers = blockDeviceNumbers(dev);
@@ -149,6 +154,17 @@ function ensureNotBusy(record: DeviceRecord): void {
     if (points.length > 0) {
       throw new UserError(
         `${dev} is mounted on ${points.join(", ")}: unmount it first (or detach --force)`,
+        ExitCode.busy,
+      );
+    }
+  }
+  const partitions = partitionsOf(dev);
+  for (const p of partitions) {
+    const points = mountPointsOf(p.major, p.minor);
+    if (points.length > 0) {
+      throw new UserError(
+        `${dev}: its partition ${p.devicePath} is mounted on ${points.join(", ")}: unmount it ` +
+          `first (or detach --force)`,
         ExitCode.busy,
       );
     }
@@ -168,17 +184,19 @@ function ensureNotBusy(record: DeviceRecord): void {
     }
     if (!(e instanceof SyscallError)) throw e;
   }
-  try {
-    const s = Deno.statSync(dev);
-    const users = processesUsing({ dev: s.dev, ino: s.ino });
-    if (users.length > 0) {
-      throw new UserError(
-        `${dev} is open by ${users.join(", ")}: close it first (or detach --force)`,
-        ExitCode.busy,
-      );
+  for (const node of [dev, ...partitions.map((p) => p.devicePath)]) {
+    try {
+      const s = Deno.statSync(node);
+      const users = processesUsing({ dev: s.dev, ino: s.ino });
+      if (users.length > 0) {
+        throw new UserError(
+          `${node} is open by ${users.join(", ")}: close it first (or detach --force)`,
+          ExitCode.busy,
+        );
+      }
+    } catch (e) {
+      if (e instanceof UserError) throw e;
     }
-  } catch (e) {
-    if (e instanceof UserError) throw e;
   }
 }
 

@@ -10,7 +10,9 @@ import {
   featureNames,
   hasFeature,
   UBLK_F_AUTO_BUF_REG,
+  UBLK_F_NO_AUTO_PART_SCAN,
   UBLK_F_SUPPORT_ZERO_COPY,
+  UBLK_F_UPDATE_SIZE,
   UBLK_F_USER_RECOVERY,
 } from "../../ffi/ublk_cmd.ts";
 import { UBLK_CONTROL_PATH, UblkControl } from "../ublk_control.ts";
@@ -164,6 +166,27 @@ export async function runChecks(): Promise<DoctorReport> {
         ? "zero copy: AUTO_BUF_REG offered, request pages go straight to the disk's driver"
         : "copy: AUTO_BUF_REG missing, each request is copied through the server's buffers",
       fix: "use a kernel 6.16 or newer (UBLK_F_AUTO_BUF_REG) for zero copy",
+      required: false,
+    });
+    const resize = hasFeature(features, UBLK_F_UPDATE_SIZE);
+    checks.push({
+      name: "ublk resize",
+      ok: resize,
+      detail: resize
+        ? "UPDATE_SIZE offered: 'fastloop resize' grows a live device"
+        : "UPDATE_SIZE missing: 'fastloop resize' exits 5",
+      fix: "use a kernel 6.16 or newer (UBLK_F_UPDATE_SIZE)",
+      required: false,
+    });
+    const noScan = hasFeature(features, UBLK_F_NO_AUTO_PART_SCAN);
+    checks.push({
+      name: "ublk partition scan",
+      ok: noScan,
+      detail: noScan
+        ? "NO_AUTO_PART_SCAN offered: partitions are scanned only with attach --partscan"
+        : "NO_AUTO_PART_SCAN missing: the kernel scans each new device's partition table " +
+          "at start, with --partscan or not",
+      fix: "use a kernel 7.0 or newer (UBLK_F_NO_AUTO_PART_SCAN)",
       required: false,
     });
   }

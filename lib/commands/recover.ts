@@ -17,6 +17,7 @@ import {
   awaitReadiness,
   killAndReap,
   lastLine,
+  layoutArgs,
   readLog,
   readyTimeoutMs,
   spawnServer,
@@ -69,7 +70,8 @@ export const command: Command = {
     const r = entry.record;
 
     ensureRunDir();
-    // The same arguments attach gave, plus --recover: the log continues in the device's own file.
+    // The same arguments attach gave (the record keeps them), plus --recover: the log continues
+    // in the device's own file.
     const serverArgs = [
       "__server",
       "--supervise",
@@ -86,7 +88,13 @@ export const command: Command = {
       r.file.ino,
       "--recover",
       String(r.id),
+      ...layoutArgs({
+        offsetBytes: r.options.offsetBytes ?? 0,
+        sizeLimitBytes: r.options.sizeLimitBytes ?? 0,
+        sectorBytes: r.options.sectorBytes, // absent in older records: the server's default
+      }),
     ];
+    if (r.options.partscan) serverArgs.push("--partscan");
     if (r.options.readOnly) serverArgs.push("--read-only");
     const started = performance.now();
     const child = spawnServer(serverArgs);

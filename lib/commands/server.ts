@@ -6,6 +6,7 @@ import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { UsageError } from "../errors.ts";
 import { runServer } from "../server.ts";
 import { runSupervisor } from "../supervisor.ts";
+import { parseByteSize } from "../region.ts";
 import {
   DEPTH_DEFAULT,
   DEPTH_MAX,
@@ -20,7 +21,8 @@ export const command: Command = {
   summary: "internal: the per-device server process started by attach",
   help: [
     "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
-    "                         [--no-recover] [--dev DEV --ino INO]",
+    "                         [--offset BYTES] [--sizelimit BYTES] [--sector-size N]",
+    "                         [--partscan] [--no-recover] [--dev DEV --ino INO]",
     "                         [--supervise | --supervised] [--recover ID]",
     "",
     "Internal: the background process behind one device, started by 'fastloop attach'.",
@@ -34,6 +36,10 @@ export const command: Command = {
       "read-only": { type: "boolean" },
       "queues": { type: "string" },
       "depth": { type: "string" },
+      "offset": { type: "string" },
+      "sizelimit": { type: "string" },
+      "sector-size": { type: "string" },
+      "partscan": { type: "boolean" },
       "no-recover": { type: "boolean" },
       "dev": { type: "string" },
       "ino": { type: "string" },
@@ -82,6 +88,15 @@ export const command: Command = {
       ),
       depth,
       maxIoBytes: maxIoBytesForDepth(depth),
+      offsetBytes: parseByteSize("__server", "offset", values.offset) ?? 0,
+      sizeLimitBytes: parseByteSize("__server", "sizelimit", values.sizelimit) ?? 0,
+      // attach passes the sector size it settled on: the filesystem device's by default, which
+      // may be any power of two from 512 to 4096 (lib/device.ts checks); absent, the server
+      // takes that default itself.
+      sectorBytes: values["sector-size"] === undefined
+        ? undefined
+        : parseIntFlag("__server", "sector-size", values["sector-size"], 0, 512, 4096),
+      partscan: values.partscan ?? false,
       recoverable,
       logPath: values.log,
       expectDev: values.dev,

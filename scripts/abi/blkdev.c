@@ -11,6 +11,7 @@ int main(void)
 	CONST(BLKGETSIZE64);
 	CONST(BLKSSZGET);
 	CONST(BLKPBSZGET);
+	CONST(BLKRRPART);
 	CONST(FS_IOC_FSGETXATTR);
 	OFFSET("FSX_XFLAGS", struct fsxattr, fsx_xflags);
 	SIZE("FSXATTR_SIZE", struct fsxattr);

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { assertOneLineError, fastloop, filesUnder, HAS_UBLK } from "./cli_support.ts";
 import { close, libc, O_RDWR, open, pathExists } from "../../ffi/libc.ts";
+import { run, withFilesystem } from "./fs_fixtures.ts";
 
 /** PIDs of processes whose command line mentions `needle` (read from /proc, not from fastloop). */
 function processesMentioning(needle: string): number[] {
@@ -41,9 +42,9 @@ function writeFile(path: string, sizeBytes: number): void {
   f.close();
 }
 
-Deno.test("attach, detach and stat each print their usage for --help and exit 0", async () => {
+Deno.test("attach, detach, stat and resize each print their usage for --help and exit 0", async () => {
   await withScratch(async (_dir, runDir) => {
-    for (const cmd of ["attach", "detach", "stat"]) {
+    for (const cmd of ["attach", "detach", "stat", "resize"]) {
       const run = await fastloop([cmd, "--help"], { runDir });
       assert.deepEqual(run.code, 0, cmd);
       assert.match(run.stdout, new RegExp(`^Usage: fastloop ${cmd} `), cmd);
@@ -111,6 +112,113 @@ Deno.test("attach rejects bad flags and arguments with exit 2", async () => {
       assertOneLineError(await fastloop(args, { runDir }), 2, pattern);
     }
   });
+});
+
+Deno.test("attach refuses a region or sector size that does not fit the file: one line, exit 3", async () => {
+  await withScratch(async (dir, runDir) => {
+    const file = `${dir}/disk.img`;
+    writeFile(file, 8 << 20);
+    writeFile(`${dir}/odd.img`, (8 << 20) + 1000);
+    const cases: Array<[string[], RegExp]> = [
+      [
+        ["--offset", "8M", file],
+        /--offset 8388608 is past the end of .*disk\.img \(8388608 bytes\)$/,
+      ],
+      [["--offset", "1G", file], /--offset 1073741824 is past the end of/],
+      [
+        ["--offset", "1000", file],
+        /--offset 1000 is not a multiple of the sector size \(512 bytes\)$/,
+      ],
+      [
+        ["-b", "4096", "-o", "512", file],
+        /--offset 512 is not a multiple of the sector size \(4096/,
+      ],
+      [["--sizelimit", "1000", file], /--sizelimit 1000 is not a multiple of the sector size/],
+      [
+        ["--sector-size", "4096", `${dir}/odd.img`],
+        /odd\.img is 8389608 bytes, not a multiple of 4096/,
+      ],
+      [
+        ["-o", "1M", `${dir}/odd.img`],
+        /The region of .*odd\.img from offset 1048576 is 7341032 bytes/,
+      ],
+    ];
+    for (const [args, pattern] of cases) {
+      assertOneLineError(
+        await fastloop(["attach", ...args], { runDir }),
+        3,
+        pattern,
+        args.join(" "),
+      );
+    }
+  });
+});
+
+Deno.test("attach, resize and stat refuse malformed sizes, sector sizes and columns with exit 2", async () => {
+  await withScratch(async (dir, runDir) => {
+    const file = `${dir}/disk.img`;
+    writeFile(file, 8 << 20);
+    const cases: Array<[string[], RegExp]> = [
+      [["attach", "--sector-size", "1024", file], /--sector-size must be 512 or 4096, got "1024"$/],
+      [["attach", "-b", "2048", file], /--sector-size must be 512 or 4096, got "2048"$/],
+      [["attach", "--sector-size", "4k", file], /--sector-size must be 512 or 4096/],
+      [["attach", "--offset", "1.5M", file], /--offset must be a size in bytes .*got "1\.5M"$/],
+      [["attach", "--offset", "-1", file], /argument is ambiguous|must be a size/],
+      [["attach", "--sizelimit", "lots", file], /--sizelimit must be a size in bytes/],
+      [["resize", "--size", "big", file], /--size must be a size in bytes/],
+      [["resize", "--size", "0", file], /--size must be more than 0/],
+      [["resize"], /expected exactly one DEV or FILE, got 0/],
+      [["stat", "--output", "DEVICE,NOPE"], /unknown column "NOPE" in --output \(columns: DEVICE,/],
+      [["stat", "--verbose", "--output", "DEVICE"], /--verbose or --output, not both/],
+      [["stat", "--json", "--verbose"], /--json prints every field/],
+    ];
+    for (const [args, pattern] of cases) {
+      assertOneLineError(await fastloop(args, { runDir }), 2, pattern, args.join(" "));
+    }
+  });
+});
+
+Deno.test("resize of a device or file that is not attached: one line, exit 7", async () => {
+  await withScratch(async (dir, runDir) => {
+    const file = `${dir}/disk.img`;
+    writeFile(file, 8 << 20);
+    const cases: Array<[string[], RegExp]> = [
+      [["resize", "/dev/ublkb7"], /'?\/dev\/ublkb7'? is not attached by fastloop$/],
+      [["resize", "ublkb3", "--size", "16M"], /ublkb3'? is not attached by fastloop$/],
+      [["resize", file], /disk\.img'? is not attached$/],
+      [["resize", `${dir}/missing.img`], /is not attached \(no such device or file\)$/],
+    ];
+    for (const [args, pattern] of cases) {
+      assertOneLineError(await fastloop(args, { runDir }), 7, pattern, args.join(" "));
+    }
+    assert.equal(Deno.statSync(file).size, 8 << 20, "the file is untouched");
+  });
+});
+
+Deno.test({
+  name: "attach --sector-size below the filesystem device's logical block size is refused (exit 3)",
+  ignore: Deno.uid() !== 0,
+  async fn() {
+    await withScratch(async (_dir, runDir) => {
+      // ext4 on a loop device with 4096-byte sectors (the oracle: blockdev --getss says so).
+      await withFilesystem("ext4", { sectorSize: 4096 }, async (fs) => {
+        assert.equal((await run("blockdev", ["--getss", fs.device])).stdout.trim(), "4096");
+        const file = `${fs.dir}/disk.img`;
+        writeFile(file, 8 << 20);
+        const refused = await fastloop(["attach", "--sector-size", "512", file], { runDir });
+        assertOneLineError(
+          refused,
+          3,
+          new RegExp(
+            `--sector-size 512 is below the logical block size of ${fs.device} \\(4096 bytes\\)`,
+          ),
+        );
+        // Its default sector size is the device's: an offset of 512 does not fit it.
+        const offset = await fastloop(["attach", "--offset", "512", file], { runDir });
+        assertOneLineError(offset, 3, /--offset 512 is not a multiple of the sector size \(4096/);
+      });
+    });
+  },
 });
 
 Deno.test("attach read-write of a file on a read-only mount suggests --read-only (exit 3)", async () => {
@@ -272,7 +380,13 @@ Deno.test("every command refuses a non-root user with exit 6", async () => {
   await withScratch(async (dir, runDir) => {
     writeFile(`${dir}/good.img`, 1 << 20);
     Deno.chmodSync(dir, 0o755);
-    for (const args of [["attach", `${dir}/good.img`], ["detach", "--all"], ["stat"]]) {
+    const commands = [
+      ["attach", `${dir}/good.img`],
+      ["detach", "--all"],
+      ["stat"],
+      ["resize", `${dir}/good.img`],
+    ];
+    for (const args of commands) {
       const run = await fastloop(args, { runDir, asUser: 65534 });
       assertOneLineError(run, 6, /must run as root/);
     }

@@ -26,6 +26,8 @@ export interface HarnessOptions {
   sab?: SharedArrayBuffer;
   /** No filesystem device (a filesystem that is not eligible): everything through the file. */
   withoutDevice?: boolean;
+  /** The device is the file's region from here on (`attach --offset`). */
+  regionOffsetBytes?: number;
 }
 
 /** An engine on `file` with a descriptor area the test fills, and a completion recorder. */
@@ -46,6 +48,7 @@ export class Harness {
   constructor(
     file: string,
     device: string,
+    /** The device's size (the region's length). */
     fileSizeBytes: number,
     opts: HarnessOptions = {},
   ) {
@@ -62,6 +65,7 @@ export class Harness {
       filePath: file,
       backingFd: this.backingFd,
       fileSizeBytes,
+      regionOffsetBytes: opts.regionOffsetBytes ?? 0,
       logicalBlockSize: 512,
       readOnly: false,
       mode: opts.mode ?? "fast",

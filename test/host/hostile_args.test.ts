@@ -225,6 +225,40 @@ Deno.test("numeric options: empty, negative, huge, hex, exponent, padded and fra
   });
 });
 
+Deno.test("size options (--offset, --sizelimit, --size, --sector-size): hostile values exit 2", async () => {
+  await withScratch(async ({ good, runDir }) => {
+    const values: Array<[string, RegExp]> = [
+      ["", /must be a size in bytes such as 1048576, 1M or 4GiB, got ""$/],
+      ["1e3", /must be a size in bytes/],
+      ["0x10", /must be a size in bytes/],
+      ["\u0668", /must be a size in bytes/], // ARABIC-INDIC DIGIT EIGHT
+      ["1M\n", /must be a size in bytes .*got "1M\\n"$/],
+      ["9".repeat(100_000), /is too large: 9{64}$/],
+      ["99999999999P", /is too large/],
+      ["x".repeat(100_000), /got 100000 characters$/],
+    ];
+    const cases = values.flatMap(([value, pattern], i) => [
+      { args: ["attach", `--offset=${value}`, good], code: 2, pattern, what: `--offset ${i}` },
+      {
+        args: ["attach", `--sizelimit=${value}`, good],
+        code: 2,
+        pattern,
+        what: `--sizelimit ${i}`,
+      },
+      { args: ["resize", `--size=${value}`, good], code: 2, pattern, what: `--size ${i}` },
+    ]);
+    for (const value of ["", "513", "4097", "9".repeat(100_000), "x".repeat(100_000)]) {
+      cases.push({
+        args: ["attach", `--sector-size=${value}`, good],
+        code: 2,
+        pattern: /--sector-size must be 512 or 4096, got ("[0-9x]{0,64}"|100000 characters)$/,
+        what: `--sector-size ${value.slice(0, 8)}`,
+      });
+    }
+    await checkAll(runDir, cases);
+  });
+});
+
 Deno.test("flags and positionals out of shape exit 2 on every command", async () => {
   await withScratch(async ({ good, runDir }) => {
     const cases: Array<[string[], RegExp]> = [

@@ -411,11 +411,12 @@ Deno.test("EIO from the host filesystem's device (dm error target under the file
       assert.equal(last?.path, "direct");
       assert.match(String(last?.op), /^(read|write)$/);
       assert.ok(last!.offsetBytes >= 0 && last!.offsetBytes < size);
-      // The table shows them too.
-      const table = await fastloop(["stat", dev]);
+      // The table shows them too: the ERRORS column with --verbose, the last one under it.
+      const table = await fastloop(["stat", "--verbose", dev]);
       assert.equal(table.code, 0);
       assert.match(table.stdout, /ERRORS/);
-      assert.match(table.stdout, /last error EIO on (read|write)/);
+      assert.match(table.stdout, /\s[1-9][0-9]*\(eio [1-9]/);
+      assert.match(table.stdout, /last error EIO on (read|write) of [0-9]+ bytes at file offset /);
 
       // Healed: a fresh write + verify pass over the whole device succeeds.
       await swapTable(name, linear);
