@@ -219,6 +219,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     fixedBuffers,
     ringMode: "defer",
     pollUs: 0,
+    queueCpu: -1,
     sab: createSharedState(1),
   };
 

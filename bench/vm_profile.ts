@@ -18,6 +18,8 @@ const { values: opts } = parseArgs({
     bs: { type: "string", default: "4k" },
     iodepth: { type: "string", default: "1" },
     runtime: { type: "string", default: "8" },
+    /** Seconds of IO before the measurement (the server's JIT warms up meanwhile). */
+    ramp: { type: "string", default: "0" },
     "file-mib": { type: "string", default: "512" },
     disk: { type: "string", default: "/dev/vda" },
     /**
@@ -41,15 +43,20 @@ async function sh(cmd: string, check = true): Promise<string> {
   return new TextDecoder().decode(out.stdout);
 }
 
-/** utime+stime ticks of every thread of `pid`, by "comm(tid)". */
-function threadTicks(pid: number): Map<string, number> {
-  const ticks = new Map<string, number>();
+/** utime and stime ticks of every thread of `pid`, by thread name (comm). */
+function threadTicks(pid: number): Map<string, [number, number, number]> {
+  const ticks = new Map<string, [number, number, number]>();
   for (const t of Deno.readDirSync(`/proc/${pid}/task`)) {
     try {
       const stat = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/stat`);
       const comm = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
       const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      ticks.set(`${comm}`, (ticks.get(comm) ?? 0) + Number(f[11]) + Number(f[12]));
+      const [u, s, m] = ticks.get(comm) ?? [0, 0, 0];
+      // utime, stime, and context switches (voluntary: it slept; involuntary: preempted).
+      const status = Deno.readTextFileSync(`/proc/${pid}/task/${t.name}/status`);
+      const ctx = Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0) +
+        Number(/^nonvoluntary_ctxt_switches:\s+(\d+)/m.exec(status)?.[1] ?? 0);
+      ticks.set(comm, [u + Number(f[11]), s + Number(f[12]), m + ctx]);
     } catch {
       // Thread gone.
     }
@@ -64,15 +71,16 @@ interface Contender {
   size: number;
   pids: Record<string, number>;
   cleanup: () => Promise<void>;
-  counters?: () => Promise<{ turns: number; enters: number }>;
+  counters?: () => Promise<{ turns: number; enters: number } | undefined>;
 }
 
 async function fastloopContender(name: string, env: string, size: number): Promise<Contender> {
   const dev = (await sh(`${env} fastloop attach ${file}`)).trim();
   const record = JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
   const counters = async () => {
-    const [row] = JSON.parse(await sh(`fastloop stat --json ${dev}`));
-    return { turns: row.counters.loopTurns, enters: row.counters.ringEnters };
+    const [row] = JSON.parse(await sh(`fastloop stat --json ${dev}`, false) || "[{}]");
+    const c = row?.counters;
+    return c ? { turns: c.loopTurns as number, enters: c.ringEnters as number } : undefined;
   };
   return {
     name,
@@ -118,8 +126,9 @@ async function main() {
         makers.push(async (): Promise<Contender> => {
           await sh(`ublk add -t loop -f ${file} -n 9 ${z}`);
           for (let i = 0; i < 500 && !exists("/dev/ublkb9"); i++) await sleep(20);
+          // `ublk list` names the daemon's pid.
           const pid = Number(
-            (await sh("pgrep -f ublk.loop || pgrep -f 'ublk add'", false)).split("\n")[0],
+            /daemon pid (\d+)/.exec(await sh("ublk list -n 9", false))?.[1] ?? 0,
           );
           return {
             name: `ublksrv loop${z ? " (zero copy)" : ""}`,
@@ -144,6 +153,15 @@ async function main() {
       const c = await make();
       try {
         await sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+        if (Number(opts.ramp) > 0) {
+          // Warm-up, not measured: a new server compiles its hot code meanwhile.
+          await sh(
+            `fio --name=w --ioengine=io_uring --direct=1 --filename=${c.device} ` +
+              `--offset=${c.offset} --size=${c.size} --rw=${opts.rw} --bs=${opts.bs} ` +
+              `--iodepth=${opts.iodepth} --time_based --runtime=${opts.ramp} --output=/dev/null ` +
+              `--allow_mounted_write=1`,
+          );
+        }
         const before = Object.fromEntries(
           Object.entries(c.pids).map(([k, pid]) => [k, threadTicks(pid)]),
         );
@@ -165,10 +183,15 @@ async function main() {
         let supervisor = "";
         for (const [who, pid] of Object.entries(c.pids)) {
           const after = threadTicks(pid);
-          const split = [...after].map(([name, t]) => [name, t - (before[who]!.get(name) ?? 0)])
-            .filter(([, t]) => (t as number) > 0)
-            .sort((a, b) => (b[1] as number) - (a[1] as number))
-            .map(([name, t]) => `${name} ${perIo(t as number)}`);
+          const split = [...after].map(([name, [u, s, m]]) => {
+            const [u0, s0, m0] = before[who]!.get(name) ?? [0, 0, 0];
+            return { name, user: u - u0, sys: s - s0, faults: m - m0 };
+          })
+            .filter((t) => t.user + t.sys > 0)
+            .sort((a, b) => b.user + b.sys - a.user - a.sys)
+            .map((t) =>
+              `${t.name} ${perIo(t.user)}u+${perIo(t.sys)}s ${(t.faults / ios).toFixed(2)}cs`
+            );
           if (who === "supervisor") supervisor = split.join(", ") || "0";
           else threads.push(split.join(", ") || "0");
         }
@@ -182,7 +205,7 @@ async function main() {
             c0 && c1 ? ((c1.turns - c0.turns) / ios).toFixed(2) : "-"
           } | ${c0 && c1 ? ((c1.enters - c0.enters) / ios).toFixed(2) : "-"} |`,
         );
-        console.error(`profile: ${c.name}: ${side.iops.toFixed(0)} IOPS`);
+        console.error(`profile: ${lines[lines.length - 1]}`);
       } finally {
         await c.cleanup();
       }

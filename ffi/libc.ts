@@ -151,6 +151,8 @@ export const PAGE_SIZE = 4096;
 // prctl(2), linux/prctl.h.
 export const SYS_prctl = 157;
 export const PR_SET_THP_DISABLE = 41;
+// sched_setaffinity(2).
+export const SYS_sched_setaffinity = 203;
 
 const encoder = new TextEncoder();
 
@@ -291,6 +293,21 @@ export function munmap(p: Deno.PointerValue, len: number): void {
 export function disableTransparentHugePages(): void {
   const r = rawSyscall(SYS_prctl, BigInt(PR_SET_THP_DISABLE), 1n, 0n, 0n, 0n);
   if (r < 0) throw new SyscallError("prctl(PR_SET_THP_DISABLE)", -r);
+}
+
+/**
+ * Pins the calling thread to CPU `cpu` (sched_setaffinity with tid 0: this thread only, not the
+ * process). Returns false when the kernel refuses (a CPU outside the allowed set, or offline).
+ */
+export function pinThreadToCpu(cpu: number): boolean {
+  const mask = new BigUint64Array(16); // 1024 CPUs
+  mask[Math.floor(cpu / 64)] = 1n << BigInt(cpu % 64);
+  return rawSyscall(
+    SYS_sched_setaffinity,
+    0n,
+    BigInt(mask.byteLength),
+    BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(mask))),
+  ) === 0;
 }
 
 /** True when `path` names anything stat(2) can reach (a sysfs attribute, a device node). */

@@ -600,9 +600,14 @@ function zeroCopyWanted(features: bigint): boolean {
  * environment): FASTLOOP_FIXED_BUFFERS=1 registers the tags' buffers, FASTLOOP_QUEUE_RING=
  * coop|plain picks a simpler ring, FASTLOOP_POLL_US busy-polls before sleeping.
  */
-function benchmarkSwitches(): Pick<QueueConfig, "fixedBuffers" | "ringMode" | "pollUs"> {
+function benchmarkSwitches(): Pick<
+  QueueConfig,
+  "fixedBuffers" | "ringMode" | "pollUs" | "queueCpu"
+> {
   const ring = Deno.env.get("FASTLOOP_QUEUE_RING");
+  const cpu = Deno.env.get("FASTLOOP_QUEUE_CPU");
   return {
+    queueCpu: cpu === undefined || cpu === "" ? -1 : Number(cpu),
     fixedBuffers: Deno.env.get("FASTLOOP_FIXED_BUFFERS") === "1",
     ringMode: ring === "coop" || ring === "plain" ? ring : "defer",
     pollUs: Math.max(0, Number(Deno.env.get("FASTLOOP_POLL_US") ?? "0") || 0),

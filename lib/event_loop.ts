@@ -27,6 +27,7 @@ import {
   IORING_SETUP_COOP_TASKRUN,
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_TASKRUN_FLAG,
   IoUring,
   RWF_DSYNC,
 } from "../ffi/io_uring.ts";
@@ -37,6 +38,7 @@ import {
   FALLOC_FL_ZERO_RANGE,
   fstat,
   fstatfs,
+  pinThreadToCpu,
 } from "../ffi/libc.ts";
 import {
   EAGAIN,
@@ -669,13 +671,18 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     ring.submit();
     shared.setState(QueueState.fetching);
     onFetching();
-    const pollMs = cfg.pollUs / 1000;
+    const spin = new AdaptiveSpin(cfg.pollUs / 1000);
     for (;;) {
-      if (pollMs > 0 && ring.cqReady() === 0) {
-        // Under a VM, waking a sleeping thread costs an IPI to another vCPU; peeking for a while
-        // (GETEVENTS also runs deferred task work, i.e. delivers ublk requests) can avoid it.
-        const until = performance.now() + pollMs;
-        while (ring.cqReady() === 0 && performance.now() < until) ring.getEvents();
+      if (ring.cqReady() === 0) {
+        if (spin.budgetMs > 0) {
+          // What this turn prepared goes out first, then a short spin for what comes back.
+          ring.submit();
+          spin.spun(ring.spinForWork(performance.now() + spin.budgetMs));
+        } else if (spin.maxMs > 0) {
+          const t0 = performance.now();
+          ring.submitAndWait(1);
+          spin.slept(performance.now() - t0);
+        }
       }
       ring.submitAndWait(ring.cqReady() === 0 ? 1 : 0);
       ring.reapCqes(onCqe);
@@ -703,6 +710,25 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
 }
 
 /**
+ * A short spin before sleeping, for latency: waking a sleeping thread costs a scheduler round trip
+ * (under a VM an IPI between vCPUs), often more than the wait itself at low queue depth. It spins
+ * only while work keeps coming back within `maxMs`: a spin that finds nothing turns it off, and a
+ * sleep that ends within `maxMs` turns it back on, so an idle queue sleeps.
+ */
+class AdaptiveSpin {
+  budgetMs: number;
+  constructor(readonly maxMs: number) {
+    this.budgetMs = maxMs;
+  }
+  spun(found: boolean): void {
+    if (!found) this.budgetMs = 0;
+  }
+  slept(ms: number): void {
+    if (ms < this.maxMs) this.budgetMs = this.maxMs;
+  }
+}
+
+/**
  * The ring of a queue of `depth` tags. Only this Worker ever enters it, so by default it is
  * SINGLE_ISSUER with DEFER_TASKRUN: ublk delivers requests as task work, which then runs inside
  * our own io_uring_enter instead of interrupting the thread (fewer wake-ups per batch). Kernels
@@ -711,9 +737,10 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
 export function setupQueueRing(depth: number, mode: QueueConfig["ringMode"] = "defer"): IoUring {
   let entries = 64;
   while (entries < Math.min(4096, depth * 2 + 8)) entries *= 2;
+  // TASKRUN_FLAG: pending task work shows in the SQ ring's flags (AdaptiveSpin watches it).
   const choices = [
-    IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
-    IORING_SETUP_COOP_TASKRUN,
+    IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+    IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
     0,
   ].slice(mode === "plain" ? 2 : mode === "coop" ? 1 : 0);
   return IoUring.setupFirst(
@@ -738,6 +765,7 @@ if (typeof (globalThis as { WorkerGlobalScope?: unknown }).WorkerGlobalScope ===
   scope.onmessage = (event) => {
     const cfg = event.data;
     try {
+      if (cfg.queueCpu >= 0) pinThreadToCpu(cfg.queueCpu);
       const { desc, unmap } = mapIoDescriptors(cfg.charFd, cfg.devId, cfg.queueId, cfg.depth);
       try {
         runQueue(cfg, desc, () => scope.postMessage({ type: "fetching", queueId: cfg.queueId }));

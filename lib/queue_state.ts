@@ -61,6 +61,8 @@ export interface QueueConfig {
   ringMode: "defer" | "coop" | "plain";
   /** Busy-poll this long for completions before sleeping (0: sleep at once). */
   pollUs: number;
+  /** The CPU the queue's thread runs on (-1: wherever the scheduler puts it). */
+  queueCpu: number;
   /**
    * Fault injection for tests, -1 when off: a request covering this byte kills the server
    * (SIGKILL), as a request that kills every server serving it would (see lib/supervisor.ts).

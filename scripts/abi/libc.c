@@ -50,6 +50,7 @@ int main(void)
 	CONST(POSIX_FADV_DONTNEED);
 	VALUE("SYS_prctl", SYS_prctl);
 	CONST(PR_SET_THP_DISABLE);
+	VALUE("SYS_sched_setaffinity", SYS_sched_setaffinity);
 	VALUE("PAGE_SIZE", sysconf(_SC_PAGESIZE));
 
 	SIZE("STAT_SIZE", struct stat);

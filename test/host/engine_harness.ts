@@ -76,6 +76,7 @@ export class Harness {
       fixedBuffers: opts.fixedBuffers ?? false,
       ringMode: "defer",
       pollUs: 0,
+      queueCpu: -1,
       sab: opts.sab ?? createSharedState(1),
     };
     this.engine = new QueueEngine(cfg, this.ring, this.desc, {
