@@ -13,6 +13,7 @@ import {
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SINGLE_ISSUER,
   IORING_SETUP_SQE128,
+  IORING_SETUP_TASKRUN_FLAG,
   IOSQE_FIXED_FILE,
   IoUring,
   RWF_DSYNC,
@@ -744,6 +745,47 @@ Deno.test(
         assert.deepEqual(got, [[1, 8]]);
         assert.equal(new DataView(buf.bytes.buffer).getBigUint64(0, true), 5n);
         assert.equal(Atomics.load(written, 0), 0); // the watchdog never had to write
+      } finally {
+        worker.terminate();
+        buf.free();
+        close(efd);
+      }
+    },
+  ),
+);
+
+Deno.test(
+  "IoUring.spinForWork() sees a deferred completion by the ring's TASKRUN flag before any CQE, and gives up at its deadline",
+  withRing(
+    8,
+    {
+      flags: IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+    },
+    async (ring) => {
+      const efd = eventfd(0, EFD_CLOEXEC);
+      const buf = new AlignedBuffer(4096);
+      const shared = new Float64Array(new SharedArrayBuffer(16));
+      const written = new Int32Array(new SharedArrayBuffer(4));
+      const worker = await eventfdWriter(efd);
+      try {
+        ring.prepReadEventfd(ring.sqe(), efd, buf.address, 1);
+        assert.equal(ring.submit(), 1);
+        // Nothing pending: the spin ends at its deadline, with nothing to get.
+        let t0 = performance.now();
+        assert.equal(ring.spinForWork(t0 + 50), false);
+        const waited = performance.now() - t0;
+        assert.ok(waited >= 50 && waited < 1000, `spun ${waited} ms for a 50 ms deadline`);
+        // Written from another thread while this one spins: the flag announces it, no CQE yet.
+        worker.postMessage({ shared, written, seq: 7, delayMs: 30 });
+        t0 = performance.now();
+        assert.equal(ring.spinForWork(t0 + 5000), true);
+        assert.ok(performance.now() - t0 < 4000, "found long before the deadline");
+        assert.equal(Atomics.load(written, 0), 7, "after the write (causal)");
+        assert.equal(ring.cqReady(), 0, "the CQE is posted only on the next GETEVENTS");
+        ring.getEvents();
+        const got: number[][] = [];
+        ring.reapCqes((u, res) => got.push([u, res]));
+        assert.deepEqual(got, [[1, 8]]);
       } finally {
         worker.terminate();
         buf.free();
