@@ -1,6 +1,6 @@
 // lib/device.ts end to end inside the test VM (a kernel with ublk): createDevice serves a file on
 // ext4 (on the scratch disk /dev/vda) as /dev/ublkbN. The device runs in a child Deno process
-// (a small driver script written by the test), so a hang is killable and a crash is visible.
+// (test/vm/device_driver.ts), so a hang is killable and a crash is visible.
 // Oracles are independent of fastloop: cmp against the file read through the filesystem, fio's
 // own crc32c verify, the file read back after the device is gone with the page cache dropped,
 // and /sys/block for the device's existence and size.
@@ -9,35 +9,8 @@ import assert from "node:assert/strict";
 
 const SCRATCH_DISK = "/dev/vda";
 const MIB = 1024 * 1024;
-const DEVICE_TS = new URL("../../lib/device.ts", import.meta.url).href;
-const ELIGIBILITY_TS = new URL("../../lib/eligibility.ts", import.meta.url).href;
-const LIBC_TS = new URL("../../ffi/libc.ts", import.meta.url).href;
-
-/** The driver: creates the device, prints READY <dev>, waits for a line, stops, deletes. */
-const DRIVER = `
-import { createDevice } from ${JSON.stringify(DEVICE_TS)};
-import { filesystemEligibility } from ${JSON.stringify(ELIGIBILITY_TS)};
-import { O_DIRECT, O_RDWR, open } from ${JSON.stringify(LIBC_TS)};
-const [path, mode, queues, recoverId] = Deno.args;
-const fd = open(path, O_RDWR | O_DIRECT);
-const el = filesystemEligibility(fd, path);
-const backingFd = el.eligible ? open(el.device.devicePath, O_RDWR | O_DIRECT) : -1;
-const dev = await createDevice({
-  filePath: path, fileFd: fd, fileSizeBytes: Deno.statSync(path).size, backingFd,
-  logicalBlockSize: el.device?.logicalBlockSize ?? 512,
-  physicalBlockSize: el.device?.physicalBlockSize ?? 4096,
-  readOnly: false, queues: Number(queues), depth: 32, maxIoBytes: 256 * 1024, mode,
-  recoverable: true,
-  ...(recoverId ? { recoverDeviceId: Number(recoverId) } : {}),
-});
-console.log("READY " + dev.blockPath);
-const buf = new Uint8Array(16);
-await Deno.stdin.read(buf);
-const counters = dev.counters();
-await dev.stop();
-await dev.delete();
-console.log("COUNTERS " + JSON.stringify(counters));
-`;
+/** The driver (its own module, type-checked): creates the device, READY, waits, COUNTERS. */
+const DRIVER = new URL("./device_driver.ts", import.meta.url).pathname;
 
 async function run(program: string, args: string[]): Promise<string> {
   const out = await new Deno.Command(program, { args, stdout: "piped", stderr: "piped" })
@@ -83,15 +56,12 @@ interface Served {
 
 /** Starts the driver on `file`; resolves once the device is live (or fails with its stderr). */
 async function serve(
-  dir: string,
   file: string,
   mode: "fast" | "file",
   queues = 1,
   recoverId?: number,
 ) {
-  const driver = `${dir}/driver.ts`;
-  Deno.writeTextFileSync(driver, DRIVER);
-  const args = ["run", "--allow-all", "--no-check", "--quiet", driver, file, mode, String(queues)];
+  const args = ["run", "--allow-all", "--no-check", "--quiet", DRIVER, file, mode, String(queues)];
   if (recoverId !== undefined) args.push(String(recoverId));
   const child = new Deno.Command(Deno.execPath(), {
     args,
@@ -159,7 +129,7 @@ Deno.test("a written file reads back identical, fio verify passes, writes land i
     await run("dd", [`if=/dev/urandom`, `of=${file}`, "bs=1M", "count=96", "status=none"]);
     await run("dd", [`if=/dev/urandom`, `of=${src}`, "bs=1M", "count=8", "status=none"]);
     await run("sync", []);
-    const s = await serve(dir, file, "fast");
+    const s = await serve(file, "fast");
     let stopped = false;
     try {
       const sectors = Number(
@@ -219,7 +189,7 @@ Deno.test("a sparse file reads zeros in its holes, and writes into holes reach t
     ]);
     await run("dd", [`if=/dev/urandom`, `of=${src}`, "bs=1M", "count=4", "status=none"]);
     await run("sync", []);
-    const s = await serve(dir, file, "fast");
+    const s = await serve(file, "fast");
     let stopped = false;
     try {
       // The filesystem returns zeros for the holes: the device must agree byte for byte.
@@ -256,7 +226,7 @@ Deno.test("file mode serves everything through the file", async () => {
     const file = `${dir}/img`;
     await run("dd", [`if=/dev/urandom`, `of=${file}`, "bs=1M", "count=16", "status=none"]);
     await run("sync", []);
-    const s = await serve(dir, file, "file", 2);
+    const s = await serve(file, "file", 2);
     let stopped = false;
     try {
       await run("cmp", [s.dev, file]);
@@ -276,7 +246,7 @@ Deno.test("a killed server's device waits, and a new server recovers it without 
     const file = `${dir}/img`;
     await run("dd", [`if=/dev/urandom`, `of=${file}`, "bs=1M", "count=32", "status=none"]);
     await run("sync", []);
-    const first = await serve(dir, file, "fast");
+    const first = await serve(file, "fast");
     const id = Number(first.dev.slice("/dev/ublkb".length));
     const fio = new Deno.Command("fio", {
       args: [
@@ -301,7 +271,7 @@ Deno.test("a killed server's device waits, and a new server recovers it without 
       await first.kill();
       // The kernel keeps the device (USER_RECOVERY): same node, same size, IO waiting.
       assert.ok(deviceExists(first.dev), "the device outlives its server");
-      second = await serve(dir, file, "fast", 1, id);
+      second = await serve(file, "fast", 1, id);
       assert.equal(second.dev, first.dev);
       const out = await fio.output();
       assert.equal(
