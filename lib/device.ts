@@ -619,6 +619,10 @@ function validateOptions(opts: DeviceOptions): void {
     throw new UserError(`Invalid device option: ${what}`);
   };
   if (!(opts.queues >= 1 && opts.queues <= 64)) bad(`queues ${opts.queues} (1..64)`);
+  // Offsets reach the SQEs as numbers: one that is not an exact byte count must never get there.
+  if (!(Number.isSafeInteger(opts.regionOffsetBytes) && opts.regionOffsetBytes >= 0)) {
+    bad(`region offset ${opts.regionOffsetBytes} (a byte count)`);
+  }
   if (!(opts.depth >= 1 && opts.depth <= UBLK_MAX_QUEUE_DEPTH)) {
     bad(`depth ${opts.depth} (1..${UBLK_MAX_QUEUE_DEPTH})`);
   }
