@@ -1,9 +1,9 @@
 //! What the queues of a device share with its main thread: one `SharedArrayBuffer` holding, per
-//! queue, a mailbox (the main thread's commands: set the mode, quit), the queue's state and mode,
-//! its counters (one writer: the queue's Worker; Float64, so byte counts do not wrap) and its last
-//! error behind a seqlock; then the cross-queue region of `lib/queue_fence.ts`. `lib/device.ts`
-//! posts to the mailboxes and reads the counters; `stat` gets them from there without waking a
-//! queue.
+//! queue, a mailbox (the main thread's commands: set the mode, quit, hand over), the queue's state
+//! and mode, its counters (one writer: the queue's Worker; Float64, so byte counts do not wrap) and
+//! its last error behind a seqlock; then the cross-queue region of `lib/queue_fence.ts`.
+//! `lib/device.ts` posts to the mailboxes and reads the counters; `stat` gets them from there
+//! without waking a queue.
 //!
 //! A queue's Worker sleeps in io_uring_enter and cannot receive `postMessage`, so a command is
 //! posted by writing the mailbox, then the queue's eventfd (the doorbell: the Worker keeps a read
@@ -80,7 +80,13 @@ const CTRL_STATE = 4; // QueueState, written by the worker
 const CTRL_MODE = 5; // the mode in force (worker)
 const CTRL_ERR_SEQ = 6; // seqlock of the last-error slots: odd while the worker writes them
 
-export const MbOp = { none: 0, setMode: 1, quit: 2 } as const;
+/**
+ * The mailbox's commands. The two hand-overs (`fastloop restart`, `Device.handOver`) make the
+ * queue end once it serves nothing: `handOverQuiesce` after QUIESCE_DEV's ABORTs (the kernel sends
+ * no new request), `handOverHold` at once, holding back new requests for the kernel to re-issue to
+ * the next server.
+ */
+export const MbOp = { none: 0, setMode: 1, quit: 2, handOverQuiesce: 3, handOverHold: 4 } as const;
 export type MbOp = (typeof MbOp)[keyof typeof MbOp];
 export const QueueState = { starting: 0, fetching: 1, exited: 2, failed: 3 } as const;
 
