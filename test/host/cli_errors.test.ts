@@ -272,7 +272,11 @@ Deno.test("every command refuses a non-root user with exit 6", async () => {
   await withScratch(async (dir, runDir) => {
     writeFile(`${dir}/good.img`, 1 << 20);
     Deno.chmodSync(dir, 0o755);
-    for (const args of [["attach", `${dir}/good.img`], ["detach", "--all"], ["stat"]]) {
+    const commands = [["attach", `${dir}/good.img`], ["detach", "--all"], ["stat"], [
+      "restart",
+      "--all",
+    ]];
+    for (const args of commands) {
       const run = await fastloop(args, { runDir, asUser: 65534 });
       assertOneLineError(run, 6, /must run as root/);
     }
