@@ -29,6 +29,8 @@ table with its operation, offset and path); then where each device's server logs
 A device whose server died shows its server as recovering (or crash-loop, when servers keep
 dying before they serve) and a line under the table: how often and how its servers died, since
 when its IO waits, and when the next server starts; IO waits meanwhile, nothing fails.
+A server handing its device over to a new one ('fastloop restart') shows as handing-over; the
+supervisor's JSON counts restarts apart from deaths (restarts, lastRestart).
 A device that serves everything through the file has a line under the table saying why, e.g.
 "ublkb0: direct path off (bdev-write-mounted-refused): the kernel refuses to open a mounted
 filesystem's device for writing (...): boot with bdev_allow_write_mounted=1, or use a kernel
