@@ -47,7 +47,7 @@ export interface TakeoverMarker {
   startTicks: number;
   /** Its supervisor: the one `restart` started. */
   supervisorPid: number;
-  /** `fastloop VERSION (PATH)`. */
+  /** `fastloop VERSION at PATH`. */
   program: string;
 }
 

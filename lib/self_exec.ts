@@ -37,8 +37,8 @@ export function mainModulePath(): string {
 }
 
 /**
- * Which fastloop this process is, for the log: `fastloop 0.1.0 (/usr/local/bin/fastloop)` or,
- * from source, `fastloop 0.1.0 (/src/fastloop/main.ts)`. A restart names both servers this way.
+ * Which fastloop this process is, for the log: `fastloop 0.1.0 at /usr/local/bin/fastloop` or,
+ * from source, `fastloop 0.1.0 at /src/fastloop/main.ts`. A restart names both servers this way.
  */
 export function programDescription(): string {
   let where: string;
@@ -47,5 +47,5 @@ export function programDescription(): string {
   } catch {
     where = "unknown path";
   }
-  return `fastloop ${VERSION} (${where})`;
+  return `fastloop ${VERSION} at ${where}`;
 }

@@ -71,7 +71,7 @@ Deno.test("the takeover marker names this live process, and a dead writer's mark
     const written = writeTakeoverMarker(5);
     assert.equal(written.pid, Deno.pid);
     assert.equal(written.supervisorPid, Deno.ppid);
-    assert.match(written.program, /^fastloop [0-9.]+ \(.*main\.ts\)$/);
+    assert.match(written.program, /^fastloop [0-9.]+ at \/.*main\.ts$/);
     assert.deepEqual(readTakeoverMarker(5), written);
     removeTakeoverMarker(5);
     assert.equal(readTakeoverMarker(5), null);

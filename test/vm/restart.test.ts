@@ -15,6 +15,7 @@ import {
   fastloop,
   ok,
   recordOf,
+  registryFiles,
   run,
   running,
   serverProcesses,
@@ -239,7 +240,7 @@ Deno.test(`fastloop restart ${RESTARTS} times under fio randrw verify on the dev
     for (const pid of seen) {
       assert.match(
         logText,
-        new RegExp(`server ${pid} \\(fastloop [0-9.]+ \\(/`),
+        new RegExp(`server ${pid} \\(fastloop [0-9.]+ at /`),
         `${pid} in the log`,
       );
     }
@@ -249,6 +250,7 @@ Deno.test(`fastloop restart ${RESTARTS} times under fio randrw verify on the dev
     );
     await detach(dev);
     assert.deepEqual(serverProcesses(), [], "no server process left");
+    assert.deepEqual(registryFiles(), [], "no record, lock or takeover marker left");
     // Since this test began only: other tests in the same boot fail IO on purpose.
     assert.doesNotMatch(await dmesgSince(dmesgFrom), new RegExp(`I/O error, dev ${name}\\b`));
   });
