@@ -4,8 +4,9 @@
 import { ExitCode, UserError } from "./lib/errors.ts";
 import { SyscallError } from "./ffi/errno.ts";
 import type { Command } from "./lib/cli.ts";
+import { VERSION } from "./lib/version.ts";
 
-export const VERSION = "0.1.0";
+export { VERSION };
 
 type Loader = () => Promise<{ command: Command }>;
 
@@ -30,6 +31,10 @@ const COMMANDS: Record<string, { summary: string; load: Loader }> = {
   recover: {
     summary: "bring back a device whose server and supervisor are gone (ublk user recovery)",
     load: () => import("./lib/commands/recover.ts"),
+  },
+  restart: {
+    summary: "replace a device's server with the fastloop installed now, under live IO (upgrade)",
+    load: () => import("./lib/commands/restart.ts"),
   },
   map: {
     summary: "show a file's extents and which of them fastloop can reach directly",

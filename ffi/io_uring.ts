@@ -730,6 +730,15 @@ export class IoUring {
   }
 
   /**
+   * Publishes the prepared SQEs without GETEVENTS: no task work runs in this call, so with
+   * DEFER_TASKRUN nothing new is posted to the CQ (a queue's last commits before it closes its
+   * ring, `lib/event_loop.ts`).
+   */
+  submitOnly(): number {
+    return this.#enter(0, 0);
+  }
+
+  /**
    * Posts what is ready without waiting (io_uring_enter with GETEVENTS, liburing's
    * `io_uring_get_events`): runs pending task work (with DEFER_TASKRUN, that is what delivers
    * completions), flushes overflowed CQEs. Submits what is prepared too.

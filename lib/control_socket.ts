@@ -1,7 +1,8 @@
 //! The server's end of a device's control socket (`/run/fastloop/ublkbN.sock`, root-only): a unix
 //! stream socket carrying one JSON request per line and one JSON reply per line. The client end
 //! is `controlRequest` in `lib/registry.ts`; what the requests mean is the server's
-//! (`lib/server.ts`).
+//! (`lib/server.ts`). A reply may carry `afterReply`, a function (JSON leaves it out): it runs
+//! once the reply is written, e.g. to end the process only after the client has its answer.
 
 import { log } from "./log.ts";
 
@@ -66,7 +67,11 @@ async function serveConnection(conn: Deno.UnixConn, handle: ControlHandler): Pro
             ? { ok: false, error: "Malformed request" }
             : { ok: false, error: e instanceof Error ? e.message : String(e) };
         }
-        await conn.write(encoder.encode(JSON.stringify(reply) + "\n"));
+        try {
+          await conn.write(encoder.encode(JSON.stringify(reply) + "\n"));
+        } finally {
+          if (typeof reply["afterReply"] === "function") (reply["afterReply"] as () => void)();
+        }
       }
       if (pending.length > MAX_LINE_CHARS) return;
     }

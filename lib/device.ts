@@ -19,6 +19,7 @@ import {
   UBLK_F_AUTO_BUF_REG,
   UBLK_F_CMD_IOCTL_ENCODE,
   UBLK_F_NO_AUTO_PART_SCAN,
+  UBLK_F_QUIESCE,
   UBLK_F_SUPPORT_ZERO_COPY,
   UBLK_F_USER_RECOVERY,
   UBLK_F_USER_RECOVERY_REISSUE,
@@ -120,6 +121,11 @@ export interface Device {
    * /dev/ublkcN closes, and with user recovery its IO waits for the next server.
    */
   abandon(): Promise<void>;
+  /**
+   * Hands the device to the next server (`fastloop restart`, lib/handover.ts): like `abandon`,
+   * but nothing in service is cut off and nothing is failed. Resolves with how, for the log.
+   */
+  handOver(): Promise<string>;
 }
 
 const DEFAULT_MAX_EXTENTS = 1 << 20;
@@ -129,6 +135,8 @@ const MAX_DISCARD_BYTES = 1 << 30;
 const ZERO_COPY_MAX_IO_BYTES = 1 << 20;
 /** How long a stopped queue may take to see its last ABORT before it is told to quit. */
 const QUEUE_EXIT_TIMEOUT_MS = 10_000;
+/** How long QUIESCE_DEV may wait for each queue to have an idle tag (backend IO to finish). */
+const QUIESCE_TIMEOUT_MS = 10_000;
 
 function log2(n: number): number {
   return Math.round(Math.log2(n));
@@ -324,6 +332,51 @@ class UblkDevice implements Device {
     }
   }
 
+  /**
+   * With UBLK_F_QUIESCE (6.16+), QUIESCE_DEV: the kernel sends no new request and cancels the
+   * queues' fetches, the queues finish what they serve. Without it (6.12), each queue holds back
+   * what arrives from now on and ends once it serves nothing; closing its ring makes the kernel
+   * re-issue what it held to the next server (USER_RECOVERY_REISSUE). Then everything is flushed
+   * (the next server's first FLUSH cannot know what went through the file before it) and
+   * /dev/ublkcN closes; the device stays, its IO waiting.
+   */
+  async handOver(): Promise<string> {
+    if (this.#stopped) throw new Error(`${this.blockPath} is stopping already`);
+    this.#stopped = true;
+    this.#deleted = true;
+    await this.#mailbox;
+    try {
+      let how = "new requests held back for the next server (USER_RECOVERY_REISSUE)";
+      if (hasFeature(this.flags, UBLK_F_QUIESCE)) {
+        await postToQueues(this.#q, MbOp.handOverQuiesce);
+        try {
+          await this.#ctl.quiesceDevice(this.id, QUIESCE_TIMEOUT_MS);
+          how = "quiesced (UBLK_U_CMD_QUIESCE_DEV)";
+        } catch (e) {
+          // EBUSY: a queue served every tag for that long. New requests wait in the kernel
+          // already; what the queues still serve, they finish (or the kernel re-issues it).
+          await postToQueues(this.#q, MbOp.handOverHold);
+          how = `QUIESCE_DEV failed (${e instanceof Error ? e.message : e}); held back instead`;
+        }
+      } else {
+        await postToQueues(this.#q, MbOp.handOverHold);
+      }
+      await joinQueues(this.#q, QUEUE_EXIT_TIMEOUT_MS);
+      try {
+        if (this.#opts.backingFd >= 0) fdatasync(this.#opts.backingFd, "backing device");
+        fdatasync(this.#opts.fileFd, this.#opts.filePath);
+      } catch (e) {
+        how += `; flush failed: ${e instanceof Error ? e.message : e}`;
+      }
+      return how;
+    } finally {
+      closeQueues(this.#q);
+      if (this.#charFd >= 0) close(this.#charFd);
+      this.#charFd = -1;
+      this.#ctl.close();
+    }
+  }
+
   /** DEL_DEV (after stop; stops first if needed), then closes the control device. */
   async delete(): Promise<void> {
     if (this.#deleted) return;
@@ -473,6 +526,8 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
         if (hasFeature(features, UBLK_F_USER_RECOVERY_REISSUE)) {
           flags |= BigInt(UBLK_F_USER_RECOVERY_REISSUE);
         }
+        // `fastloop restart` hands the device over with QUIESCE_DEV where the kernel has it.
+        if (hasFeature(features, UBLK_F_QUIESCE)) flags |= BigInt(UBLK_F_QUIESCE);
       }
       // Zero copy where the kernel offers it: no data buffers in the server, so buffer memory
       // no longer bounds the largest request either.

@@ -139,8 +139,12 @@ export class QueueEngine {
   #sizeBytes: number;
   /** The file offset where the device ends: its region's start + its size (`setDeviceSize`). */
   #regionEnd: number;
-  /** A write or allocation went through the file since the last FLUSH. */
-  #fileDirty = false;
+  /**
+   * A write or allocation went through the file since the last FLUSH. True at first: a server
+   * that took the device over (recovery, restart) cannot know what its predecessor wrote through
+   * the file, so its first FLUSH syncs the file too.
+   */
+  #fileDirty = true;
 
   readonly #startPunch = (req: Request) => this.#punch(req);
 
@@ -603,9 +607,10 @@ function filesystemBlockBytes(cfg: QueueConfig): number {
 // --- 1. the ublk queue loop ---------------------------------------------------------------------
 
 /**
- * Runs queue `cfg.queueId` until the device stops (every tag's fetch ends with ABORT) or the main
- * thread posts `quit`. Calls `onFetching` once every FETCH_REQ is submitted (START_DEV and
- * END_USER_RECOVERY wait for that).
+ * Runs queue `cfg.queueId` until the device stops (every tag's fetch ends with ABORT), the main
+ * thread posts `quit`, or a hand-over is done: nothing left in service after QUIESCE_DEV's first
+ * ABORT (`handOverQuiesce`), or at all (`handOverHold`). Calls `onFetching` once every FETCH_REQ
+ * is submitted (START_DEV and END_USER_RECOVERY wait for that).
  */
 export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => void): void {
   const ring = setupQueueRing(cfg.depth, cfg.ringMode);
@@ -630,6 +635,17 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
   let handledSeq = shared.postedSeq();
   /** A setMode waiting to be acknowledged until the IO the new mode forbids has drained. */
   let modeSeq = 0;
+  /** A hand-over to the next server (`MbOp.handOverQuiesce` or `handOverHold`), or 0. */
+  let handOver = 0;
+  /** Requests held back for the next server during a `handOverHold`. */
+  let held = 0;
+  /**
+   * The hand-over is done here once nothing is in service (every commit prepared) and, with
+   * QUIESCE_DEV, the kernel has begun cancelling: it sends no new request after its ABORTs.
+   */
+  const handedOver = () =>
+    handOver !== 0 && c[Counter.inflight] === 0 && engine.backendInflight === 0 &&
+    (handOver === MbOp.handOverHold || aborted > 0);
 
   const mailbox = () => {
     const seq = shared.postedSeq();
@@ -644,6 +660,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     if (op === MbOp.stats) engine.publishStats();
     if (op === MbOp.setSize) engine.setDeviceSize(shared.postedSizeBytes());
     if (op === MbOp.quit) quit = true;
+    else if (op === MbOp.handOverQuiesce || op === MbOp.handOverHold) handOver = op;
     shared.acknowledge(seq);
   };
 
@@ -654,7 +671,16 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       if (!quit) postDoorbell();
       return;
     }
-    if (res === UBLK_IO_RES_OK) return engine.handleRequest(userData);
+    if (res === UBLK_IO_RES_OK) {
+      // Handing over without QUIESCE: a request not begun is left to the kernel, which re-issues
+      // it to the next server (USER_RECOVERY_REISSUE) once this ring closes. One tag is always
+      // served, so the queue keeps a posted fetch: cancelling it is how a 6.12 kernel notices.
+      if (handOver === MbOp.handOverHold && held < cfg.depth - 1) {
+        held++;
+        return;
+      }
+      return engine.handleRequest(userData);
+    }
     if (res === UBLK_IO_RES_ABORT) {
       aborted++;
       return;
@@ -694,6 +720,11 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
         modeSeq = 0;
       }
       if (quit || (aborted === cfg.depth && engine.backendInflight === 0)) break;
+      if (handedOver()) {
+        // The last commits go out before the ring closes, or their requests would be re-issued.
+        ring.submitOnly();
+        break;
+      }
     }
     engine.publishStats();
     shared.setState(QueueState.exited);
@@ -701,10 +732,17 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     shared.setState(QueueState.failed);
     throw e;
   } finally {
-    // Closing the ring cancels whatever is still posted (fetches, the doorbell read).
-    ring.close();
-    engine.close();
-    doorbell.free();
+    if (handOver === 0) {
+      // Closing the ring cancels whatever is still posted (fetches, the doorbell read).
+      ring.close();
+      engine.close();
+      doorbell.free();
+    }
+    // Handed over, the ring stays open, with the memory it may still touch, until the process
+    // exits. Closed while this thread lives, a 6.12 kernel moves the task work of a request sent
+    // to a posted fetch onto this thread, which then takes the request as served by us; nobody
+    // gives it back, and the device's quiesce waits for it forever (seen: the next server's
+    // START_USER_RECOVERY hung). Closed by the exit, such a request is re-issued, as after a crash.
     if (modeSeq !== 0) shared.acknowledge(modeSeq);
   }
 }

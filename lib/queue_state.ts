@@ -1,7 +1,7 @@
 //! What the queues of a device share with its main thread: one `SharedArrayBuffer` holding, per
-//! queue, a mailbox (the main thread's commands: set the mode, set the size, quit), the queue's
-//! state and mode, its counters (one writer: the queue's Worker; Float64, so byte counts do not
-//! wrap) and its last error behind a seqlock; then the cross-queue region of
+//! queue, a mailbox (the main thread's commands: set the mode, set the size, quit, hand over), the
+//! queue's state and mode, its counters (one writer: the queue's Worker; Float64, so byte counts do
+//! not wrap) and its last error behind a seqlock; then the cross-queue region of
 //! `lib/queue_fence.ts`. `lib/device.ts` posts to the mailboxes and reads the counters; `stat`
 //! gets them from there without waking a queue.
 //!
@@ -99,10 +99,21 @@ const CTRL_MB_ARG_LO = 7; // mailbox: setSize's size in 512-byte sectors, low an
 const CTRL_MB_ARG_HI = 8;
 
 /**
- * Mailbox commands: set the mode (and drain), copy the extent cache's figures into the counters,
- * quit, set the device's size (`fastloop resize`).
+ * The mailbox's commands: set the mode (and drain), copy the extent cache's figures into the
+ * counters (`stat`), quit, set the device's size (`fastloop resize`), and the two hand-overs
+ * (`fastloop restart`, `Device.handOver`), which make the queue end once it serves nothing:
+ * `handOverQuiesce` after QUIESCE_DEV's ABORTs (the kernel sends no new request), `handOverHold`
+ * at once, holding back new requests for the kernel to re-issue to the next server.
  */
-export const MbOp = { none: 0, setMode: 1, stats: 2, quit: 3, setSize: 4 } as const;
+export const MbOp = {
+  none: 0,
+  setMode: 1,
+  stats: 2,
+  quit: 3,
+  setSize: 4,
+  handOverQuiesce: 5,
+  handOverHold: 6,
+} as const;
 export type MbOp = (typeof MbOp)[keyof typeof MbOp];
 export const QueueState = { starting: 0, fetching: 1, exited: 2, failed: 3 } as const;
 

@@ -124,3 +124,17 @@ export function checkSectorSize(
     );
   }
 }
+
+/** The layout as `__server` takes it (every server of the device gets the same, `recover` too). */
+export function layoutArgs(
+  layout: { offsetBytes: number; sizeLimitBytes: number; sectorBytes?: number },
+): string[] {
+  const args = [
+    "--offset",
+    String(layout.offsetBytes),
+    "--sizelimit",
+    String(layout.sizeLimitBytes),
+  ];
+  if (layout.sectorBytes !== undefined) args.push("--sector-size", String(layout.sectorBytes));
+  return args;
+}

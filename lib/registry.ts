@@ -37,6 +37,14 @@ export function supervisorStatusPath(id: number): string {
   return `${runDir()}/ublkb${id}.supervisor.json`;
 }
 
+/**
+ * Where a server started by `fastloop restart` says that it is up and waiting for the running
+ * server to hand the device over (`lib/handover.ts`).
+ */
+export function takeoverPath(id: number): string {
+  return `${runDir()}/ublkb${id}.takeover.json`;
+}
+
 /** What a server writes once its device is live. Every field is plain JSON. */
 export interface DeviceRecord {
   version: 1;
@@ -90,6 +98,10 @@ export interface SupervisorStatus {
   waitingSince?: string;
   /** When the next server starts (while waiting). */
   nextTryAt?: string;
+  /** Planned hand-overs to a new server (`fastloop restart`) since attach: not deaths. */
+  restarts?: number;
+  /** The last of them: when, and the server before and after. */
+  lastRestart?: { at: string; fromPid: number; toPid: number };
 }
 
 /** A process named by pid and start time. */
@@ -176,7 +188,8 @@ export function readSupervisorStatus(id: number): SupervisorStatus | null {
   }
 }
 
-function writeJsonAtomically(path: string, value: unknown): void {
+/** Writes a JSON file of the state directory atomically (tmp + rename), mode 0600. */
+export function writeJsonAtomically(path: string, value: unknown): void {
   ensureRunDir();
   const tmp = `${path}.tmp-${Deno.pid}`;
   Deno.writeTextFileSync(tmp, JSON.stringify(value, null, 2) + "\n", { mode: 0o600 });

@@ -2,6 +2,8 @@
 //! (a compiled binary, or `deno run main.ts` from the source tree), so `attach` can start its
 //! background server either way without knowing how it was installed.
 
+import { VERSION } from "./version.ts";
+
 /** The entry module, next to `lib/`: `file:///…/main.ts`. */
 const MAIN_MODULE_URL = new URL("../main.ts", import.meta.url);
 
@@ -32,4 +34,18 @@ export function mainModulePath(): string {
     throw new Error(`fastloop must run from a local file, not ${MAIN_MODULE_URL.href}`);
   }
   return decodeURIComponent(MAIN_MODULE_URL.pathname);
+}
+
+/**
+ * Which fastloop this process is, for the log: `fastloop 0.1.0 at /usr/local/bin/fastloop` or,
+ * from source, `fastloop 0.1.0 at /src/fastloop/main.ts`. A restart names both servers this way.
+ */
+export function programDescription(): string {
+  let where: string;
+  try {
+    where = Deno.build.standalone ? Deno.execPath() : mainModulePath();
+  } catch {
+    where = "unknown path";
+  }
+  return `fastloop ${VERSION} at ${where}`;
 }

@@ -39,9 +39,23 @@ import {
   open,
   POSIX_FADV_DONTNEED,
 } from "../ffi/libc.ts";
+import {
+  hasFeature,
+  UBLK_F_NO_AUTO_PART_SCAN,
+  UBLK_F_QUIESCE,
+  UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_RECOVERY_REISSUE,
+} from "../ffi/ublk_cmd.ts";
 import { serveControlSocket } from "./control_socket.ts";
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
+import {
+  EXIT_HANDED_OVER,
+  removeTakeoverMarker,
+  TAKEOVER_CLAIM_WAIT_MS,
+  writeTakeoverMarker,
+} from "./handover.ts";
+import { programDescription } from "./self_exec.ts";
 import { filesystemEligibility } from "./eligibility.ts";
 import { type DirectPathOff, openDirectDevice } from "./direct_path.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
@@ -61,7 +75,6 @@ import { fileInUseError } from "./validate.ts";
 import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 import { partitionsOf, scanPartitions } from "./partitions.ts";
 import { resizeDevice } from "./resize.ts";
-import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 
 export interface ServerOptions {
   filePath: string;
@@ -85,6 +98,11 @@ export interface ServerOptions {
   supervised?: boolean;
   /** Take over this device, whose previous server died (ublk user recovery). */
   recoverDeviceId?: number;
+  /**
+   * `fastloop restart`: the device's server is still running and hands it over; wait for it to
+   * let go of the file (lib/handover.ts). Only with `recoverDeviceId`.
+   */
+  takeover?: boolean;
 }
 
 interface Transition {
@@ -146,6 +164,8 @@ class Server {
   #retryTimer: ReturnType<typeof setTimeout> | undefined;
   #retryDelayMs = LEASE_RETRY_FIRST_MS;
   #stopping: Promise<void> | null = null;
+  /** Handing the device over to a new server (`fastloop restart`): it is no longer ours. */
+  #handingOver = false;
   #starting = true;
   #stopDuringStart: string | null = null;
   #resolveDone!: (code: number) => void;
@@ -163,9 +183,17 @@ class Server {
     // server stays in its supervisor's session and process group instead, so that one kill of
     // the group (attach's last resort) ends both.
     if (!this.#opts.supervised) libc.setsid();
+    const o = this.#opts;
     log(
-      `starting for ${this.#opts.filePath} (${this.#opts.readOnly ? "read-only" : "read-write"}, ` +
-        `${this.#opts.queues} queue(s) x depth ${this.#opts.depth})`,
+      `server ${Deno.pid} (${programDescription()}) starting for ${o.filePath} ` +
+        `(${o.readOnly ? "read-only" : "read-write"}, ${o.queues} queue(s) x depth ${o.depth}` +
+        `${
+          o.recoverDeviceId === undefined
+            ? ""
+            : o.takeover
+            ? `, taking ublkb${o.recoverDeviceId} over from its running server`
+            : `, recovering ublkb${o.recoverDeviceId}`
+        })`,
     );
     try {
       await this.#startSteps();
@@ -236,12 +264,15 @@ class Server {
 
   /**
    * An exclusive claim on the file, before opening it: a second open would break the lease of a
-   * server that already serves this file.
+   * server that already serves this file. Taking a device over, it waits for the running server
+   * to let go (its exit releases the claim).
    */
-  #claimFile(): void {
+  async #claimFile(): Promise<void> {
     const o = this.#opts;
     this.#identity = this.#expectedIdentity();
-    const claim = FileClaim.tryTake(this.#identity);
+    const claim = o.takeover && o.recoverDeviceId !== undefined
+      ? await this.#waitForClaim(o.recoverDeviceId)
+      : FileClaim.tryTake(this.#identity);
     if (!claim) {
       const other = findByFile(o.filePath);
       throw new UserError(
@@ -251,7 +282,36 @@ class Server {
         ExitCode.busy,
       );
     }
-    this.#pushUndo("release the file claim", () => claim.release());
+    this.#pushUndo("release the file claim", () => {
+      // Handed over: the claim goes with this process's exit (lib/handover.ts).
+      if (!this.#handingOver) claim.release();
+    });
+  }
+
+  /** The file's claim, once the server handing the device over has exited (`--takeover`). */
+  async #waitForClaim(id: number): Promise<FileClaim> {
+    writeTakeoverMarker(id);
+    log(`waiting for ublkb${id}'s running server to hand it over`);
+    const deadline = Date.now() + TAKEOVER_CLAIM_WAIT_MS;
+    try {
+      for (;;) {
+        const claim = FileClaim.tryTake(this.#identity);
+        if (claim) return claim;
+        if (this.#stopDuringStart !== null) {
+          throw new UserError(`Start-up interrupted by ${this.#stopDuringStart}`, ExitCode.failure);
+        }
+        if (Date.now() > deadline) {
+          throw new UserError(
+            `The running server of ublkb${id} did not hand it over within ` +
+              `${TAKEOVER_CLAIM_WAIT_MS / 1000} s`,
+            ExitCode.busy,
+          );
+        }
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    } finally {
+      removeTakeoverMarker(id);
+    }
   }
 
   /** The file, once. O_DIRECT so file-path IO bypasses the page cache like direct IO does. */
@@ -395,6 +455,7 @@ class Server {
     setLogContext(`ublkb${device.id}`);
     this.#mode = startMode;
     this.#pushUndo(`stop and delete ${device.blockPath}`, async () => {
+      if (this.#handingOver) return; // `device.handOver` let it go already
       if (this.#starting && o.recoverDeviceId !== undefined) return device.abandon();
       await device.stop();
       await device.delete();
@@ -456,7 +517,10 @@ class Server {
     };
     writeRecord(record);
     this.#record = record;
-    this.#pushUndo("remove the registry record", () => removeRecord(device.id));
+    this.#pushUndo("remove the registry record", () => {
+      // Handed over: the next server writes its own record over this one.
+      if (!this.#handingOver) removeRecord(device.id);
+    });
   }
 
   #wantedLease(): "read" | "write" {
@@ -506,6 +570,69 @@ class Server {
       this.#resolveDone(ExitCode.ok);
     })();
     return this.#stopping;
+  }
+
+  /**
+   * `fastloop restart`: hands the device over to the server named by `to` (its takeover marker)
+   * and exits with `EXIT_HANDED_OVER` once the reply is out (lib/handover.ts). Refused while
+   * starting or stopping, and for a device that cannot wait for a new server. Once begun it goes
+   * through: with QUIESCE_DEV there is no way back to serving.
+   */
+  async #handOver(to: unknown): Promise<Record<string, unknown>> {
+    const device = this.#device;
+    if (this.#starting || device === null) {
+      return { ok: false, error: "The server is still starting", exitCode: ExitCode.busy };
+    }
+    if (this.#stopping) {
+      return { ok: false, error: "The server is stopping", exitCode: ExitCode.busy };
+    }
+    const flags = device.flags;
+    if (
+      !this.#opts.recoverable || !hasFeature(flags, UBLK_F_USER_RECOVERY) ||
+      !(hasFeature(flags, UBLK_F_QUIESCE) || hasFeature(flags, UBLK_F_USER_RECOVERY_REISSUE))
+    ) {
+      return {
+        ok: false,
+        error: `${device.blockPath} cannot wait for a new server (created without user recovery)`,
+        exitCode: ExitCode.badInput,
+      };
+    }
+    const next = typeof to === "object" && to !== null ? to as Record<string, unknown> : {};
+    const successor = typeof next["pid"] === "number"
+      ? `server ${next["pid"]}${typeof next["program"] === "string" ? ` (${next["program"]})` : ""}`
+      : "a new server";
+    let handedOver!: () => void;
+    this.#stopping = new Promise<void>((r) => (handedOver = r));
+    this.#handingOver = true;
+    clearTimeout(this.#retryTimer);
+    // Let a mode change in progress finish: it may be draining IO.
+    await this.#chain.catch(() => {});
+    log(
+      `handing ${device.blockPath} over to ${successor} (fastloop restart); ` +
+        `this is server ${Deno.pid} (${programDescription()}); its IO waits meanwhile`,
+    );
+    const startedAt = performance.now();
+    let how: string;
+    try {
+      how = await device.handOver();
+    } catch (e) {
+      // The queues are gone either way; what they still held, the kernel re-issues.
+      const why = e instanceof Error ? e.message : String(e);
+      how = `failed half-way (${why}), the kernel re-issues the rest`;
+    }
+    const ms = Math.round(performance.now() - startedAt);
+    log(`${device.blockPath}: ${how}, in ${ms} ms; releasing the lease and the file`);
+    await this.#unwind();
+    log(`handed ${device.blockPath} over to ${successor}; exiting`);
+    handedOver();
+    return {
+      ok: true,
+      pid: Deno.pid,
+      how,
+      handOverMs: ms,
+      // Called by the control socket once this reply is written: then the process may end.
+      afterReply: () => this.#resolveDone(EXIT_HANDED_OVER),
+    };
   }
 
   // --- lease breaks -------------------------------------------------------------------------
@@ -590,7 +717,7 @@ class Server {
   async #control(request: { cmd?: unknown }): Promise<Record<string, unknown>> {
     switch (request.cmd) {
       case "ping":
-        return { ok: true, pid: Deno.pid };
+        return { ok: true, pid: Deno.pid, program: programDescription(), handOver: true };
       case "stat":
         return { ok: true, stat: await this.stat() };
       case "detach":
@@ -603,6 +730,8 @@ class Server {
         this.#resizing = next.catch(() => {});
         return await next;
       }
+      case "handover":
+        return await this.#handOver((request as { to?: unknown }).to);
       default:
         return { ok: false, error: `Unknown command ${JSON.stringify(request.cmd)}` };
     }
@@ -656,7 +785,10 @@ class Server {
       depth: this.#opts.depth,
       dataMode: this.#device?.dataMode,
       maxIoBytes: this.#device?.maxIoBytes,
-      server: { pid: Deno.pid, state: this.#stopping ? "stopping" : "running" },
+      server: {
+        pid: Deno.pid,
+        state: this.#handingOver ? "handing-over" : this.#stopping ? "stopping" : "running",
+      },
       startedAt: this.#startedAt,
       rssBytes: residentBytes(),
       log: this.#opts.logPath,

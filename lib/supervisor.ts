@@ -16,19 +16,31 @@
 //! waiting IO. Only the user deletes such a device (`fastloop detach --force`: its waiting IO then
 //! fails). A server exiting 0 (it detached) ends the supervisor; SIGTERM/SIGINT/SIGHUP are passed
 //! to the server (detach), or, between two servers, end the wait and remove the device.
+//!
+//! `fastloop restart` replaces the supervisor too, so an upgrade runs new code in both processes
+//! (`lib/handover.ts`): the new supervisor's first server takes the device over from the running
+//! one (`--takeover`), which then exits with `EXIT_HANDED_OVER`; its supervisor, seeing that,
+//! ends without touching the device. A planned restart is not a death: the new supervisor keeps
+//! the old one's counts and adds the restart to them. A supervisor that finds its device
+//! supervised by another live supervisor bows out instead of starting a rival server.
 
 import { libc } from "../ffi/libc.ts";
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode } from "./errors.ts";
+import { EXIT_HANDED_OVER } from "./handover.ts";
 import { kernelLog, log, setLogContext } from "./log.ts";
 import {
   cleanupDeadDevice,
+  type DeviceRecord,
+  processAlive,
+  type ProcessRef,
   readRecord,
+  readSupervisorStatus,
   removeRecord,
   type SupervisorStatus,
   writeSupervisorStatus,
 } from "./registry.ts";
-import { selfCommand } from "./self_exec.ts";
+import { programDescription, selfCommand } from "./self_exec.ts";
 
 /**
  * A server that served at least this long before it died is replaced at once: a crash, not a
@@ -52,6 +64,11 @@ export interface SupervisorOptions {
   recoverable: boolean;
   /** `fastloop recover`: the first server takes over this device (its supervisor is gone). */
   recoverDeviceId?: number;
+  /**
+   * `fastloop restart`: the device's server is running, and the first server takes the device
+   * over from it (`--takeover`; lib/handover.ts). Only with `recoverDeviceId`.
+   */
+  takeover?: boolean;
 }
 
 /** The pause before the next server after `quickDeaths` quick deaths in a row (0: at once). */
@@ -82,15 +99,32 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
     });
   }
   let deviceId: number | null = opts.recoverDeviceId ?? null;
-  if (deviceId !== null) say(`taking over ublkb${deviceId}, whose supervisor is gone`);
+  const takeover = opts.takeover === true && deviceId !== null;
+  /** The server that hands the device over to our first one (`fastloop restart`). */
+  const handingOver: ProcessRef | null = takeover ? readRecord(deviceId!)?.server ?? null : null;
+  say(
+    `supervisor ${Deno.pid} (${programDescription()}) started${
+      takeover
+        ? `: ublkb${deviceId} is being restarted; its running server` +
+          `${handingOver ? ` (pid ${handingOver.pid})` : ""} hands it over to our first server`
+        : deviceId !== null
+        ? `: taking over ublkb${deviceId}, whose supervisor is gone`
+        : ""
+    }`,
+  );
   let reported = false;
+  // A restart carries the old supervisor's counts over: a planned restart is not a death.
+  const previous = takeover ? readSupervisorStatus(deviceId!) : null;
   const status: SupervisorStatus = {
     version: 1,
     pid: Deno.pid,
     state: "starting",
-    deaths: 0,
+    deaths: previous?.deaths ?? 0,
     quickDeaths: 0,
     crashLoop: false,
+    lastDeath: previous?.lastDeath,
+    restarts: previous?.restarts,
+    lastRestart: previous?.lastRestart,
   };
   const publish = (state: SupervisorStatus["state"], nextTryAtMs?: number) => {
     status.state = state;
@@ -104,9 +138,10 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
   };
   /** When the device's IO began to wait for a server (0: it is served). */
   let outageSinceMs = 0;
-  for (;;) {
+  for (let first = true;; first = false) {
     const args = [...opts.serverArgs, "--supervised"];
     if (deviceId !== null) args.push("--recover", String(deviceId));
+    if (first && takeover) args.push("--takeover");
     const [program, ...rest] = selfCommand(args);
     child = new Deno.Command(program!, {
       args: rest,
@@ -134,9 +169,16 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
         reply ?? { ok: false, error: "The server exited before reporting", exitCode: 1 },
         logFd,
       );
-      if (reply?.["ok"] !== true) {
+      // A taking-over server that failed after the old one handed over (it is gone, the device
+      // is still there) leaves a device that needs us: supervise it as after a death.
+      const orphaned = takeover && handingOver !== null && !processAlive(handingOver) &&
+        kernelHasDevice(deviceId!);
+      if (reply?.["ok"] !== true && !orphaned) {
         const exit = await child.status;
         return exit.success ? ExitCode.failure : (exit.code || ExitCode.failure);
+      }
+      if (reply?.["ok"] !== true) {
+        say(`the first server failed after ublkb${deviceId} was handed over to it; supervising`);
       }
     }
     let readyAtMs = 0;
@@ -145,6 +187,20 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       deviceId = reply["id"];
       setLogContext(`ublkb${deviceId}`);
       if (outageSinceMs > 0) say(`ublkb${deviceId} recovered in ${readyAtMs - outageSinceMs} ms`);
+      if (first && takeover) {
+        status.restarts = (status.restarts ?? 0) + 1;
+        status.lastRestart = {
+          at: iso(readyAtMs),
+          fromPid: handingOver?.pid ?? 0,
+          toPid: child.pid,
+        };
+        say(
+          `ublkb${deviceId} restarted: server ${child.pid} took it over from ` +
+            `${handingOver ? `server ${handingOver.pid}` : "the old server"} ` +
+            `(restart ${status.restarts} since attach)`,
+        );
+        publish("starting");
+      }
       // Served again only once it outlived a quick death: a server that a waiting request kills
       // as soon as it is ready does not end the outage.
       if (await outlives(child, SERVED_LONG_ENOUGH_MS)) {
@@ -170,9 +226,17 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       }
     }
     const exit = await child.status;
+    const pid = child.pid;
     child = null;
     if (exit.success) {
       say("server exited after detaching; done");
+      return ExitCode.ok;
+    }
+    if (exit.code === EXIT_HANDED_OVER) {
+      say(
+        `server ${pid} handed ublkb${deviceId} over to a new server (fastloop restart); ` +
+          "its new supervisor takes over from here: done",
+      );
       return ExitCode.ok;
     }
     const diedAtMs = Date.now();
@@ -186,6 +250,11 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       : "it died before it was ready";
     say(`server died (${how}): ${cause}`);
     const record = deviceId === null ? null : readRecord(deviceId);
+    const rival = record ? rivalSupervisor(record) : null;
+    if (rival !== null) {
+      say(`ublkb${deviceId} is supervised by ${rival} now (a restart): not restarting; done`);
+      return ExitCode.ok;
+    }
     if (stopping || !opts.recoverable || record === null) {
       const why = stopping
         ? `${stopping} during recovery`
@@ -248,6 +317,16 @@ async function outlives(child: Deno.ChildProcess, ms: number): Promise<boolean> 
   ]);
   clearTimeout(timer);
   return lived;
+}
+
+/**
+ * Another supervisor whose server serves the device now, as the record says (one that `fastloop
+ * restart` started, while this one restarted a server that died during the hand-over).
+ */
+function rivalSupervisor(record: DeviceRecord): string | null {
+  const s = record.supervisor;
+  if (!s || s.pid === Deno.pid || !processAlive(s) || !processAlive(record.server)) return null;
+  return `supervisor ${s.pid} (server ${record.server.pid})`;
 }
 
 /** Does the kernel still have ublk device `id` (its char device in sysfs)? */

@@ -45,6 +45,7 @@ import {
   UBLK_U_CMD_GET_DEV_INFO,
   UBLK_U_CMD_GET_FEATURES,
   UBLK_U_CMD_GET_PARAMS,
+  UBLK_U_CMD_QUIESCE_DEV,
   UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_START_DEV,
   UBLK_U_CMD_START_USER_RECOVERY,
@@ -75,15 +76,19 @@ const COMMAND_NAMES: Record<number, string> = {
   [iocNr(UBLK_U_CMD_END_USER_RECOVERY)]: "UBLK_CMD_END_USER_RECOVERY",
   [iocNr(UBLK_U_CMD_GET_FEATURES)]: "UBLK_U_CMD_GET_FEATURES",
   [iocNr(UBLK_U_CMD_UPDATE_SIZE)]: "UBLK_U_CMD_UPDATE_SIZE",
+  [iocNr(UBLK_U_CMD_QUIESCE_DEV)]: "UBLK_U_CMD_QUIESCE_DEV",
 };
 
 interface CommandArgs {
   devId: number;
   /** In/out buffer for the command (copied in before, out after). */
   buffer?: Uint8Array;
-  /** `data[0]`: the server pid for START_DEV / END_USER_RECOVERY, the sectors for UPDATE_SIZE. */
+  /**
+   * `data[0]`: the server pid for START_DEV / END_USER_RECOVERY, the sectors for UPDATE_SIZE, the
+   * timeout of QUIESCE_DEV.
+   */
   data0?: number;
-  /** False for GET_FEATURES, which has no legacy number. */
+  /** False for GET_FEATURES and QUIESCE_DEV, which have no legacy number. */
   legacy?: boolean;
 }
 
@@ -233,6 +238,17 @@ export class UblkControl {
    */
   async updateSize(devId: number, sectors: number): Promise<void> {
     await this.#command(UBLK_U_CMD_UPDATE_SIZE, { devId, data0: sectors, legacy: false });
+  }
+
+  /**
+   * QUIESCE_DEV (a device created with UBLK_F_QUIESCE, 6.16+): new requests wait in the kernel
+   * from now on; once every queue has an idle tag (a fetch posted) within `timeoutMs`, the
+   * queues' posted fetches complete with UBLK_IO_RES_ABORT, while requests the server is still
+   * serving complete as usual. The device then waits for a new server (user recovery) once this
+   * one closes /dev/ublkcN. -EBUSY: some queue had every tag in service for `timeoutMs`.
+   */
+  async quiesceDevice(devId: number, timeoutMs: number): Promise<void> {
+    await this.#command(UBLK_U_CMD_QUIESCE_DEV, { devId, data0: timeoutMs, legacy: false });
   }
 
   /**

@@ -35,7 +35,7 @@ import {
   validateAttachFile,
   validateLayout,
 } from "../validate.ts";
-import { parseByteSize, parseSectorSize } from "../region.ts";
+import { layoutArgs, parseByteSize, parseSectorSize } from "../region.ts";
 
 const SIGKILL = 9;
 
@@ -207,20 +207,6 @@ export const command: Command = {
     );
   },
 };
-
-/** The layout as `__server` takes it (every server of the device gets the same, `recover` too). */
-export function layoutArgs(
-  layout: { offsetBytes: number; sizeLimitBytes: number; sectorBytes?: number },
-): string[] {
-  const args = [
-    "--offset",
-    String(layout.offsetBytes),
-    "--sizelimit",
-    String(layout.sizeLimitBytes),
-  ];
-  if (layout.sectorBytes !== undefined) args.push("--sector-size", String(layout.sectorBytes));
-  return args;
-}
 
 export function readyTimeoutMs(): number {
   const env = Number(Deno.env.get("FASTLOOP_ATTACH_TIMEOUT_MS"));

@@ -11,13 +11,13 @@ import { ENODEV, SyscallError } from "../../ffi/errno.ts";
 import { hasFeature, UBLK_F_USER_RECOVERY, UBLK_S_DEV_DEAD } from "../../ffi/ublk_cmd.ts";
 import { type Command, parseCommandArgs } from "../cli.ts";
 import { ExitCode, UsageError, UserError } from "../errors.ts";
+import { readTakeoverMarker, supervisorArgs } from "../handover.ts";
 import { ensureRunDir, quotePath, type RegistryEntry, resolve } from "../registry.ts";
 import { requireRoot } from "../validate.ts";
 import {
   awaitReadiness,
   killAndReap,
   lastLine,
-  layoutArgs,
   readLog,
   readyTimeoutMs,
   spawnServer,
@@ -70,32 +70,8 @@ export const command: Command = {
     const r = entry.record;
 
     ensureRunDir();
-    // The same arguments attach gave (the record keeps them), plus --recover: the log continues
-    // in the device's own file.
-    const serverArgs = [
-      "__server",
-      "--supervise",
-      r.file.path,
-      "--log",
-      r.logPath,
-      "--queues",
-      String(r.options.queues),
-      "--depth",
-      String(r.options.depth),
-      "--dev",
-      r.file.dev,
-      "--ino",
-      r.file.ino,
-      "--recover",
-      String(r.id),
-      ...layoutArgs({
-        offsetBytes: r.options.offsetBytes ?? 0,
-        sizeLimitBytes: r.options.sizeLimitBytes ?? 0,
-        sectorBytes: r.options.sectorBytes, // absent in older records: the server's default
-      }),
-    ];
-    if (r.options.partscan) serverArgs.push("--partscan");
-    if (r.options.readOnly) serverArgs.push("--read-only");
+    // The settings attach gave, plus --recover: the log continues in the device's own file.
+    const serverArgs = [...supervisorArgs(r), "--recover", String(r.id)];
     const started = performance.now();
     const child = spawnServer(serverArgs);
     const ready = await awaitReadiness(child, readyTimeoutMs());
@@ -141,6 +117,13 @@ async function checkRecoverable(entry: RegistryEntry): Promise<void> {
   if (entry.supervisorAlive) {
     throw new UserError(
       `${dev} is being recovered already by its supervisor (pid ${r.supervisor!.pid})`,
+      ExitCode.busy,
+    );
+  }
+  const takeover = readTakeoverMarker(r.id);
+  if (takeover) {
+    throw new UserError(
+      `${dev} is being restarted: server ${takeover.pid} is taking it over`,
       ExitCode.busy,
     );
   }

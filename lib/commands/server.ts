@@ -4,8 +4,6 @@
 
 import { type Command, parseCommandArgs, parseIntFlag } from "../cli.ts";
 import { UsageError } from "../errors.ts";
-import { runServer } from "../server.ts";
-import { runSupervisor } from "../supervisor.ts";
 import { parseByteSize } from "../region.ts";
 import {
   DEPTH_DEFAULT,
@@ -23,12 +21,13 @@ export const command: Command = {
     "Usage: fastloop __server FILE --log PATH [--read-only] [--queues N] [--depth N]",
     "                         [--offset BYTES] [--sizelimit BYTES] [--sector-size N]",
     "                         [--partscan] [--no-recover] [--dev DEV --ino INO]",
-    "                         [--supervise | --supervised] [--recover ID]",
+    "                         [--supervise | --supervised] [--recover ID [--takeover]]",
     "",
     "Internal: the background process behind one device, started by 'fastloop attach'.",
     "It writes one JSON readiness line on stdout, then logs to PATH. With --supervise it is the",
     "supervisor instead: it runs the server as its child and restarts it (ublk user recovery)",
-    "when it dies.",
+    "when it dies. --takeover (fastloop restart): the device's running server hands it over;",
+    "wait for it to let go of the file.",
   ].join("\n"),
   async run(args: string[]): Promise<number> {
     const { values, positionals } = parseCommandArgs("__server", args, {
@@ -46,6 +45,7 @@ export const command: Command = {
       "supervise": { type: "boolean" },
       "supervised": { type: "boolean" },
       "recover": { type: "string" },
+      "takeover": { type: "boolean" },
     });
     const [filePath, ...extra] = positionals;
     if (filePath === undefined || extra.length > 0 || values.log === undefined) {
@@ -55,17 +55,34 @@ export const command: Command = {
     const recoverDeviceId = values.recover === undefined
       ? undefined
       : parseIntFlag("__server", "recover", values.recover, 0, 0, 1 << 20);
+    const takeover = values.takeover ?? false;
+    if (takeover && recoverDeviceId === undefined) {
+      throw new UsageError("__server: --takeover needs --recover ID");
+    }
     if (values.supervise) {
-      // Same arguments for every server the supervisor starts, minus this flag and --recover
-      // (`fastloop recover`), which the supervisor adds itself when a server must take over.
+      // Same arguments for every server the supervisor starts, minus this flag, --recover
+      // (`fastloop recover`) and --takeover (`fastloop restart`), which the supervisor adds
+      // itself when a server must take over.
       const serverArgs = ["__server"];
       for (let i = 0; i < args.length; i++) {
         if (args[i] === "--recover") i++;
-        else if (!args[i]!.startsWith("--recover=") && args[i] !== "--supervise") {
+        else if (
+          !args[i]!.startsWith("--recover=") && args[i] !== "--supervise" &&
+          args[i] !== "--takeover"
+        ) {
           serverArgs.push(args[i]!);
         }
       }
-      return await runSupervisor({ logPath: values.log, serverArgs, recoverable, recoverDeviceId });
+      // Loaded here, and the server's modules below: the supervisor starts without them (each
+      // start of a restart or attach waits for it; seconds under the test VM's TCG).
+      const { runSupervisor } = await import("../supervisor.ts");
+      return await runSupervisor({
+        logPath: values.log,
+        serverArgs,
+        recoverable,
+        recoverDeviceId,
+        takeover,
+      });
     }
     const depth = parseIntFlag(
       "__server",
@@ -75,6 +92,7 @@ export const command: Command = {
       DEPTH_MIN,
       DEPTH_MAX,
     );
+    const { runServer } = await import("../server.ts");
     return await runServer({
       filePath,
       readOnly: values["read-only"] ?? false,
@@ -103,6 +121,7 @@ export const command: Command = {
       expectIno: values.ino,
       supervised: values.supervised ?? false,
       recoverDeviceId,
+      takeover,
     });
   },
 };

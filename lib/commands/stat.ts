@@ -34,8 +34,9 @@ Show fastloop's devices, one row each, with the columns a person scans (as loset
              shared or unwritten extents); - while no server serves it
   LEASE      the lease fastloop holds on the file (write, read, none)
   RO         1 for a read-only device
-  SERVER     the server's state and pid: running, stopping, recovering or crash-loop (its
-             supervisor is starting a new one; IO waits), dead, unreachable
+  SERVER     the server's state and pid: running, stopping, handing-over (fastloop restart),
+             recovering or crash-loop (its supervisor is starting a new one; IO waits), dead,
+             unreachable
 --verbose adds SECTOR (logical block size), PARTS (partitions), FSDEV (the filesystem's device),
 QxD (queues x depth), DATA (zerocopy: request pages go straight to the disk, UBLK_F_AUTO_BUF_REG,
 6.16+; copy: through the server's buffers) and the live counters: READS, WRITES, FLUSH, DISCARD, DIRECT, VIAFILE and

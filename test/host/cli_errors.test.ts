@@ -385,6 +385,7 @@ Deno.test("every command refuses a non-root user with exit 6", async () => {
       ["detach", "--all"],
       ["stat"],
       ["resize", `${dir}/good.img`],
+      ["restart", "--all"],
     ];
     for (const args of commands) {
       const run = await fastloop(args, { runDir, asUser: 65534 });

@@ -1,8 +1,8 @@
-// Hostile arguments on every command (attach, detach, stat, map, doctor, the internal __server,
-// and the command name itself), on a host without ublk: each gets one line on stderr with a
-// stable non-zero exit code, no stack trace, nothing on stdout, a line of bounded length even for
-// a 100 kB argument, and changes nothing (no state directory entry, no server process, the files
-// named unchanged). test/host/cli_errors.test.ts holds the ordinary bad inputs; this file the
+// Hostile arguments on every command (attach, detach, stat, restart, map, doctor, the internal
+// __server, and the command name itself), on a host without ublk: each gets one line on stderr
+// with a stable non-zero exit code, no stack trace, nothing on stdout, a line of bounded length
+// even for a 100 kB argument, and changes nothing (no state directory entry, no server process,
+// the files named unchanged). test/host/cli_errors.test.ts holds the ordinary bad inputs; this file the
 // adversarial ones. The cases that need a real device are in test/vm/hostile.test.ts.
 
 import assert from "node:assert/strict";
@@ -172,6 +172,12 @@ Deno.test("detach and stat of hostile references: not attached (exit 7), in one 
         pattern,
         what: `stat ${what}`,
       })),
+      ...refs.filter((_, i) => i % 4 === 1).map(([what, ref, pattern]) => ({
+        args: ["restart", "--", ref],
+        code: 7,
+        pattern,
+        what: `restart ${what}`,
+      })),
     ]);
   });
 });
@@ -268,6 +274,9 @@ Deno.test("flags and positionals out of shape exit 2 on every command", async ()
       [["attach", `--${HUGE}`, good], /Unknown option '--a{62}\.\.\. \(100002 characters\)'/],
       [["detach", "--all", "--force=1"], /does not take an argument/],
       [["detach", "--all", ""], /not both/],
+      [["restart"], /expected DEV, FILE or --all/],
+      [["restart", "--all", ""], /not both/],
+      [["restart", "--all=1"], /does not take an argument/],
       [["stat", "", ""], /at most one/],
       [["stat", "--json=false"], /does not take an argument/],
       [["map"], /expected exactly one FILE, got 0/],

@@ -20,7 +20,7 @@ const fastloop = (...args: string[]) =>
 Deno.test("fastloop --help lists every command and exits 0", async () => {
   const r = await fastloop("--help");
   assert.equal(r.code, 0);
-  for (const name of ["attach", "detach", "stat", "map", "doctor"]) {
+  for (const name of ["attach", "detach", "stat", "restart", "recover", "map", "doctor"]) {
     assert.match(r.stdout, new RegExp(`^  ${name} `, "m"));
   }
 });

@@ -13,11 +13,13 @@ import {
   attach,
   completedIos,
   detach,
+  dmesgSince,
   fastloop,
   ok,
   recordOf,
   running,
   serverProcesses,
+  uptime,
   waitFor,
   withHostFs,
 } from "./support.ts";
@@ -90,8 +92,9 @@ async function assertTableShowsCrashLoop(dev: string, cause: RegExp): Promise<vo
   assert.match(note, /detach --force/);
 }
 
-async function assertNoIoErrors(dev: string): Promise<void> {
-  const dmesg = await ok("dmesg", []);
+/** No IO error on the device in the kernel log since `from` (uptime), and the crash-loop line. */
+async function assertNoIoErrors(dev: string, from: number): Promise<void> {
+  const dmesg = await dmesgSince(from);
   const name = dev.slice(5);
   assert.doesNotMatch(dmesg, new RegExp(`I/O error, dev ${name}\\b`), "no IO error on the device");
   assert.match(dmesg, new RegExp(`fastloop: ${name}: crash loop`), "the kernel log says why");
@@ -102,6 +105,7 @@ Deno.test(`servers that die before they are ready (the file is gone) ${DEATHS} t
     const file = `${mnt}/gone.img`;
     await ok("truncate", ["-s", "64M", file]);
     await ok("dd", ["if=/dev/urandom", `of=${tmp}/ref`, "bs=1M", "count=16", "status=none"]);
+    const from = uptime();
     const dev = await attach(file);
     await ok("dd", [`if=${tmp}/ref`, `of=${dev}`, "bs=1M", "oflag=direct", "conv=fsync"]);
     const fio = new Deno.Command("fio", {
@@ -148,7 +152,7 @@ Deno.test(`servers that die before they are ready (the file is gone) ${DEATHS} t
       assert.equal(out.code, 0, `fio verify across the outage: ${text}`);
     }
     await ok("cmp", ["-n", String(16 * MIB), dev, `${tmp}/ref`]);
-    await assertNoIoErrors(dev);
+    await assertNoIoErrors(dev, from);
     await detach(dev);
     await ok("cmp", ["-n", String(16 * MIB), file, `${tmp}/ref`]);
   });
@@ -162,6 +166,7 @@ Deno.test("a request that kills every server that serves it: IO waits, stat show
     await ok("dd", ["if=/dev/urandom", `of=${tmp}/ref`, "bs=1M", "count=8", "status=none"]);
     await ok("dd", ["if=/dev/urandom", `of=${tmp}/ref2`, "bs=1M", "count=1", "status=none"]);
     const env = { FASTLOOP_FAULT_POISON_FILE: poison };
+    const from = uptime();
     const dev = await attach(file, [], { env });
     await ok("dd", [`if=${tmp}/ref`, `of=${dev}`, "bs=1M", "oflag=direct", "conv=fsync"]);
     // Servers read the poison at start-up: arm it, then replace the server once.
@@ -195,7 +200,7 @@ Deno.test("a request that kills every server that serves it: IO waits, stat show
     }
     await ok("cmp", ["-n", String(8 * MIB), dev, `${tmp}/ref`]);
     await ok("cmp", ["-i", `${40 * MIB}:0`, "-n", String(MIB), dev, `${tmp}/ref2`]);
-    await assertNoIoErrors(dev);
+    await assertNoIoErrors(dev, from);
     await waitFor("the supervisor sees the device served", async () => {
       return (await statRow(dev)).supervisor?.state === "serving";
     }, 60_000);

@@ -110,6 +110,18 @@ export function completedIos(dev: string): number {
   return Number(f[0]) + Number(f[4]);
 }
 
+/** Seconds since boot: the clock of the kernel log's timestamps. */
+export function uptime(): number {
+  return Number(Deno.readTextFileSync("/proc/uptime").split(" ")[0]);
+}
+
+/** The kernel log's lines stamped `from` seconds after boot or later (one test's own lines). */
+export async function dmesgSince(from: number): Promise<string> {
+  return (await ok("dmesg", [])).split("\n")
+    .filter((line) => Number(/^\[\s*([0-9.]+)\]/.exec(line)?.[1] ?? -1) >= from)
+    .join("\n");
+}
+
 /** ublk devices the kernel has, from /sys (independent of the registry). */
 export function ublkDevices(): string[] {
   try {
