@@ -218,7 +218,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     dataMode: "copy",
     fixedBuffers,
     ringMode: "defer",
-    pollUs: 0,
+    spinUs: 0,
     queueCpu: -1,
     sab: createSharedState(1),
   };

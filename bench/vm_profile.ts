@@ -24,7 +24,7 @@ const { values: opts } = parseArgs({
     disk: { type: "string", default: "/dev/vda" },
     /**
      * fastloop variants to compare in the same boot, `;`-separated, each a space-separated list
-     * of environment settings for its attach (e.g. "FASTLOOP_POLL_US=50;DENO_V8_FLAGS=--foo");
+     * of environment settings for its attach (e.g. "FASTLOOP_SPIN_US=50;DENO_V8_FLAGS=--foo");
      * the default configuration always runs first.
      */
     variants: { type: "string", default: "" },

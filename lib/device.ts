@@ -7,7 +7,7 @@
 //! waiting for them is cancelled, /dev/ublkcN is closed and the device deleted, so no half-made
 //! device remains.
 
-import { close, eventfd, fdatasync, O_RDWR, open } from "../ffi/libc.ts";
+import { close, fdatasync, O_RDWR, open } from "../ffi/libc.ts";
 import { EBUSY, ENOENT, SyscallError } from "../ffi/errno.ts";
 import {
   type DevInfo,
@@ -30,6 +30,14 @@ import {
 } from "../ffi/ublk_cmd.ts";
 import { UblkControl } from "./ublk_control.ts";
 import {
+  closeQueues,
+  joinQueues,
+  latestError,
+  postToQueues,
+  type Queue,
+  startQueues,
+} from "./device_queues.ts";
+import {
   Counter,
   createSharedState,
   type DataMode,
@@ -37,8 +45,6 @@ import {
   MbOp,
   type Mode,
   type QueueConfig,
-  QueueShared,
-  type WorkerMessage,
 } from "./queue_state.ts";
 import { UserError } from "./errors.ts";
 
@@ -169,32 +175,6 @@ async function waitForNode(path: string): Promise<void> {
     }
   }
   throw new UserError(`${path} did not appear after the device started`);
-}
-
-interface Queue {
-  worker: Worker;
-  eventFd: number;
-  shared: QueueShared;
-  /** Settles when the Worker has ended (clean exit or error). */
-  exited: Promise<void>;
-  done: boolean;
-}
-
-/**
- * Posts one mailbox command to every live queue and waits until each acknowledged it (setMode:
- * once the IO the new mode forbids has drained) or ended.
- */
-async function postToQueues(
-  queues: Queue[],
-  op: MbOp,
-  mode?: Mode,
-  sizeBytes?: number,
-): Promise<void> {
-  await Promise.all(
-    queues.filter((q) => !q.done).map((q) =>
-      q.shared.acknowledged(q.shared.post(op, q.eventFd, mode, sizeBytes), () => q.done)
-    ),
-  );
 }
 
 class UblkDevice implements Device {
@@ -390,97 +370,6 @@ class UblkDevice implements Device {
   }
 }
 
-/** The most recent of the queues' last errors, with its time as an ISO string. */
-function latestError(queues: QueueShared[]): DeviceCounters["lastError"] {
-  let latest: LastError | null = null;
-  for (const q of queues) {
-    const e = q.lastError();
-    if (e && (latest === null || e.atMs >= latest.atMs)) latest = e;
-  }
-  if (latest === null) return null;
-  const { atMs, ...rest } = latest;
-  return { ...rest, at: new Date(atMs).toISOString() };
-}
-
-async function joinQueues(queues: Queue[], timeoutMs: number): Promise<void> {
-  const all = Promise.all(queues.map((q) => q.exited));
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<"late">((resolve) => {
-    timer = setTimeout(() => resolve("late"), timeoutMs);
-  });
-  const r = await Promise.race([all.then(() => "ok" as const), late]);
-  clearTimeout(timer);
-  if (r === "late") {
-    void postToQueues(queues, MbOp.quit);
-    const r2 = await Promise.race([all.then(() => "ok" as const), sleep(timeoutMs)]);
-    if (r2 !== "ok") { for (const q of queues) if (!q.done) q.worker.terminate(); }
-  }
-}
-
-function closeQueues(queues: Queue[]): void {
-  for (const q of queues) {
-    if (!q.done) q.worker.terminate();
-    if (q.eventFd >= 0) close(q.eventFd);
-    q.eventFd = -1;
-  }
-}
-
-/** Starts one Worker per queue; resolves when all are fetching, rejects when one fails. */
-function startQueues(
-  base: Omit<QueueConfig, "queueId" | "eventFd">,
-  onFailure: (message: string) => void,
-): { queues: Queue[]; fetching: Promise<void> } {
-  const queues: Queue[] = [];
-  const fetchingAll: Promise<void>[] = [];
-  for (let queueId = 0; queueId < base.queues; queueId++) {
-    const efd = eventfd(0);
-    const worker = new Worker(new URL("./event_loop.ts", import.meta.url), { type: "module" });
-    let resolveFetching!: () => void;
-    let rejectFetching!: (e: Error) => void;
-    fetchingAll.push(
-      new Promise<void>((res, rej) => {
-        resolveFetching = res;
-        rejectFetching = rej;
-      }),
-    );
-    let resolveExit!: () => void;
-    const exited = new Promise<void>((res) => (resolveExit = res));
-    const q: Queue = {
-      worker,
-      eventFd: efd,
-      shared: new QueueShared(base.sab, base.queues, queueId),
-      exited,
-      done: false,
-    };
-    const end = () => {
-      q.done = true;
-      resolveExit();
-    };
-    worker.onmessage = (e: MessageEvent<WorkerMessage>) => {
-      const m = e.data;
-      if (m.type === "fetching") resolveFetching();
-      else if (m.type === "exit") end();
-      else {
-        const err = new Error(`queue ${queueId}: ${m.message}`);
-        rejectFetching(err);
-        onFailure(err.message);
-        end();
-      }
-    };
-    worker.onerror = (e: ErrorEvent) => {
-      e.preventDefault();
-      const err = new Error(`queue ${queueId}: ${e.message}`);
-      rejectFetching(err);
-      onFailure(err.message);
-      end();
-    };
-    const cfg: QueueConfig = { ...base, queueId, eventFd: efd };
-    worker.postMessage(cfg);
-    queues.push(q);
-  }
-  return { queues, fetching: Promise.all(fetchingAll).then(() => {}) };
-}
-
 /**
  * Creates (or, with `recoverDeviceId`, takes over) a ublk device serving `opts.filePath` and
  * resolves once /dev/ublkbN is live.
@@ -651,13 +540,15 @@ function zeroCopyWanted(features: bigint): boolean {
 }
 
 /**
- * The queue engine's switches for benchmarks, read here on the main thread (the Workers read no
- * environment): FASTLOOP_FIXED_BUFFERS=1 registers the tags' buffers, FASTLOOP_QUEUE_RING=
- * coop|plain picks a simpler ring, FASTLOOP_POLL_US busy-polls before sleeping.
+ * The queue engine's switches, read here on the main thread (the Workers read no environment):
+ * FASTLOOP_SPIN_US, the longest a queue spins for completions before it sleeps (default
+ * `SPIN_US_DEFAULT`, 0: never spin); for benchmarks FASTLOOP_FIXED_BUFFERS=1 registers the tags'
+ * buffers (copy mode), FASTLOOP_QUEUE_RING=coop|plain picks a simpler ring, FASTLOOP_QUEUE_CPU=N
+ * pins each queue's thread to CPU N.
  */
 function benchmarkSwitches(): Pick<
   QueueConfig,
-  "fixedBuffers" | "ringMode" | "pollUs" | "queueCpu"
+  "fixedBuffers" | "ringMode" | "spinUs" | "queueCpu"
 > {
   const ring = Deno.env.get("FASTLOOP_QUEUE_RING");
   const cpu = Deno.env.get("FASTLOOP_QUEUE_CPU");
@@ -665,8 +556,24 @@ function benchmarkSwitches(): Pick<
     queueCpu: cpu === undefined || cpu === "" ? -1 : Number(cpu),
     fixedBuffers: Deno.env.get("FASTLOOP_FIXED_BUFFERS") === "1",
     ringMode: ring === "coop" || ring === "plain" ? ring : "defer",
-    pollUs: Math.max(0, Number(Deno.env.get("FASTLOOP_POLL_US") ?? "0") || 0),
+    spinUs: spinUsOf(Deno.env.get("FASTLOOP_SPIN_US")),
   };
+}
+
+/**
+ * How long a queue spins for completions before sleeping, at most (lib/event_loop.ts
+ * AdaptiveSpin: only while completions keep coming back within it). Measured in the TCG VM at 4k
+ * QD1 (bench/vm_profile.ts, 7.3, zero copy, one boot): no spin 916 IOPS (p50 807 µs), 200 µs 1044,
+ * 500 µs 1889 (313 µs), 1 ms 2183 (276 µs), against the raw disk's 2835 (226 µs) and ublksrv's
+ * 1295 (528 µs). Fast disks on real CPUs complete well within it; slow ones turn the spin off.
+ */
+export const SPIN_US_DEFAULT = 1000;
+
+function spinUsOf(value: string | undefined): number {
+  const n = Number(value);
+  return value === undefined || value === "" || !Number.isFinite(n) || n < 0
+    ? SPIN_US_DEFAULT
+    : Math.min(n, 100_000);
 }
 
 function validateOptions(opts: DeviceOptions): void {

@@ -697,7 +697,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     ring.submit();
     shared.setState(QueueState.fetching);
     onFetching();
-    const spin = new AdaptiveSpin(cfg.pollUs / 1000);
+    const spin = new AdaptiveSpin(cfg.spinUs / 1000);
     for (;;) {
       if (ring.cqReady() === 0) {
         if (spin.budgetMs > 0) {

@@ -59,8 +59,8 @@ export interface QueueConfig {
   fixedBuffers: boolean;
   /** The queue ring's task-work mode: `defer` (the default), `coop` or `plain` (benchmarks). */
   ringMode: "defer" | "coop" | "plain";
-  /** Busy-poll this long for completions before sleeping (0: sleep at once). */
-  pollUs: number;
+  /** Spin this long at most for completions before sleeping (0: sleep at once). */
+  spinUs: number;
   /** The CPU the queue's thread runs on (-1: wherever the scheduler puts it). */
   queueCpu: number;
   /**

@@ -75,7 +75,7 @@ export class Harness {
       dataMode: "copy",
       fixedBuffers: opts.fixedBuffers ?? false,
       ringMode: "defer",
-      pollUs: 0,
+      spinUs: 0,
       queueCpu: -1,
       sab: opts.sab ?? createSharedState(1),
     };
