@@ -21,6 +21,13 @@
 //! The device never goes away and no request fails: while no server serves it, its IO waits in
 //! the kernel, as it does when a server dies. Both servers log who they are and who the other is.
 
+import {
+  hasFeature,
+  UBLK_F_QUIESCE,
+  UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_RECOVERY_REISSUE,
+} from "../ffi/ublk_cmd.ts";
+import type { Device } from "./device.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import {
   type DeviceRecord,
@@ -142,4 +149,42 @@ export function supervisorArgs(record: DeviceRecord): string[] {
   if (o.readOnly) args.push("--read-only");
   if (!o.recoverable) args.push("--no-recover");
   return args;
+}
+
+/** Why this device cannot wait for a new server, as a control reply; null when it can. */
+export function handOverRefusal(
+  device: Device,
+  recoverable: boolean,
+): Record<string, unknown> | null {
+  const flags = device.flags;
+  const canWait = recoverable && hasFeature(flags, UBLK_F_USER_RECOVERY) &&
+    (hasFeature(flags, UBLK_F_QUIESCE) || hasFeature(flags, UBLK_F_USER_RECOVERY_REISSUE));
+  if (canWait) return null;
+  return {
+    ok: false,
+    error: `${device.blockPath} cannot wait for a new server (created without user recovery)`,
+    exitCode: ExitCode.badInput,
+  };
+}
+
+/** The successor named in a handover request, for the log. */
+export function successorName(to: unknown): string {
+  const next = typeof to === "object" && to !== null ? to as Record<string, unknown> : {};
+  if (typeof next["pid"] !== "number") return "a new server";
+  const program = typeof next["program"] === "string" ? ` (${next["program"]})` : "";
+  return `server ${next["pid"]}${program}`;
+}
+
+/** Lets the device's queues go (`Device.handOver`); how it went and how long it took. */
+export async function handOverQueues(device: Device): Promise<{ how: string; ms: number }> {
+  const startedAt = performance.now();
+  let how: string;
+  try {
+    how = await device.handOver();
+  } catch (e) {
+    // The queues are gone either way; what they still held, the kernel re-issues.
+    const why = e instanceof Error ? e.message : String(e);
+    how = `failed half-way (${why}), the kernel re-issues the rest`;
+  }
+  return { how, ms: Math.round(performance.now() - startedAt) };
 }

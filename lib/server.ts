@@ -6,52 +6,23 @@
 //! Start-up is all-or-nothing: every step pushes its undo on a stack, and a failure unwinds it
 //! before the one readiness line (`{"ok":false,…}`) goes out, so a failed attach leaves no device,
 //! record, lock or lease behind. After the readiness line, stdout and stderr both point at the log.
+
 //!
-//! Lease policy (issue 5). The file is opened once, O_RDWR (read-write attach) or O_RDONLY, and
-//! that fd holds a write or read lease. When the kernel breaks it (SIGIO):
-//! - someone opens it for writing or truncates it: `setMode("file")` drains direct IO and drops the
-//!   extent cache, then the lease is released — the opener waits only for that drain;
-//! - someone opens it for reading: the kernel refuses a read lease on an fd open for writing
-//!   (EAGAIN, even our own fd; measured), and without any lease a later writer would go
-//!   unnoticed, so a reader is handled like a writer.
-//! Then the lease is retried with backoff; once held again the device returns to its base mode
-//! with a fresh mapping. Every transition is logged and counted for `stat`.
+//! The lease and the modes it allows are `lib/lease_policy.ts`'s.
 
 import { SyscallError } from "../ffi/errno.ts";
-import {
-  forgetLease,
-  getLease,
-  LeaseRefusedError,
-  type LeaseType,
-  onLeaseBreak,
-  setLease,
-  trySetLease,
-} from "../ffi/fcntl.ts";
-import {
-  close,
-  fadvise,
-  fdatasync,
-  fstat,
-  libc,
-  O_DIRECT,
-  O_RDONLY,
-  O_RDWR,
-  open,
-  POSIX_FADV_DONTNEED,
-} from "../ffi/libc.ts";
-import {
-  hasFeature,
-  UBLK_F_NO_AUTO_PART_SCAN,
-  UBLK_F_QUIESCE,
-  UBLK_F_USER_RECOVERY,
-  UBLK_F_USER_RECOVERY_REISSUE,
-} from "../ffi/ublk_cmd.ts";
+import { forgetLease } from "../ffi/fcntl.ts";
+import { close, fstat, libc, O_DIRECT, O_RDONLY, O_RDWR, open } from "../ffi/libc.ts";
+import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 import { serveControlSocket } from "./control_socket.ts";
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
 import {
   EXIT_HANDED_OVER,
+  handOverQueues,
+  handOverRefusal,
   removeTakeoverMarker,
+  successorName,
   TAKEOVER_CLAIM_WAIT_MS,
   writeTakeoverMarker,
 } from "./handover.ts";
@@ -60,7 +31,7 @@ import { filesystemEligibility } from "./eligibility.ts";
 import { type DirectPathOff, openDirectDevice } from "./direct_path.ts";
 import { log, logTargets, setLogContext } from "./log.ts";
 import type { Device } from "./device.ts";
-import type { Mode } from "./queue_state.ts";
+import { LeasePolicy } from "./lease_policy.ts";
 import {
   type DeviceRecord,
   FileClaim,
@@ -71,7 +42,8 @@ import {
   socketPath,
   writeRecord,
 } from "./registry.ts";
-import { fileInUseError } from "./validate.ts";
+import { fileInUseError, requireUblk } from "./validate.ts";
+import { poisonByte } from "./supervisor.ts";
 import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 import { partitionsOf, scanPartitions } from "./partitions.ts";
 import { resizeDevice } from "./resize.ts";
@@ -105,18 +77,6 @@ export interface ServerOptions {
   takeover?: boolean;
 }
 
-interface Transition {
-  at: string;
-  from: Mode;
-  to: Mode;
-  lease: LeaseType;
-  why: string;
-}
-
-const MAX_TRANSITIONS_KEPT = 32;
-const LEASE_RETRY_FIRST_MS = 1000;
-const LEASE_RETRY_MAX_MS = 8000;
-
 export { log } from "./log.ts";
 
 /** Resident memory of this process in bytes (VmRSS in /proc/self/status). */
@@ -147,22 +107,15 @@ class Server {
   #resizing: Promise<unknown> = Promise.resolve();
   #backingFd = -1;
   #blockSizes = { logical: 512, physical: 4096 };
-  /** The mode the device runs in when the lease is held (file mode if not eligible). */
-  #baseMode: Mode = "file";
+  /** Made when the file is open; until then, a placeholder for `stat`'s sake. */
+  #leases!: LeasePolicy;
+  /** Why the device cannot use the direct path ("" when it can). */
   #baseReason = "";
   #directPathOff: DirectPathOff | null = null;
-  #mode: Mode = "file";
-  #lease: LeaseType = "none";
+
   #filesystem = "";
   #backingDevice: string | null = null;
-  #transitions: Transition[] = [];
-  #transitionCount = 0;
-  #leaseBreaks = 0;
-  #leaseRegains = 0;
-  /** Serialises mode changes: a break can arrive while a regain is still draining. */
-  #chain: Promise<void> = Promise.resolve();
-  #retryTimer: ReturnType<typeof setTimeout> | undefined;
-  #retryDelayMs = LEASE_RETRY_FIRST_MS;
+
   #stopping: Promise<void> | null = null;
   /** Handing the device over to a new server (`fastloop restart`): it is no longer ours. */
   #handingOver = false;
@@ -219,7 +172,7 @@ class Server {
       device: record.blockPath,
       id: record.id,
       file: record.file.path,
-      mode: this.#mode,
+      mode: this.#leases.mode,
       reason: this.#baseReason || undefined,
       directPathOff: this.#directPathOff ?? undefined,
       filesystem: this.#filesystem,
@@ -228,7 +181,7 @@ class Server {
       log: this.#opts.logPath,
     }, this.#logFd);
     log(
-      `ready: ${record.blockPath} (mode ${this.#mode}${
+      `ready: ${record.blockPath} (mode ${this.#leases.mode}${
         this.#baseReason ? `: ${this.#baseReason}` : ""
       })`,
     );
@@ -330,6 +283,12 @@ class Server {
       forgetLease(fd);
       close(fd);
     });
+    this.#leases = new LeasePolicy(
+      fd,
+      o.filePath,
+      o.readOnly,
+      (mode) => this.#device?.setMode(mode) ?? Promise.resolve(),
+    );
     const st = fstat(fd, o.filePath);
     if (st.dev.toString() !== this.#identity.dev || st.ino.toString() !== this.#identity.ino) {
       throw new UserError(`${quotePath(o.filePath)} was replaced while attaching; try again`);
@@ -344,29 +303,13 @@ class Server {
    * not leave the device without a server, so it starts on the file path without the lease.
    */
   #takeLease(): void {
-    const o = this.#opts;
-    const fd = this.#fileFd;
-    this.#pushUndo(
-      "remove the lease-break listener",
-      onLeaseBreak(fd, (to) => this.#onLeaseBreak(to), o.filePath),
-    );
-    const want = this.#wantedLease();
-    try {
-      setLease(fd, want, o.filePath);
-      this.#lease = want;
-    } catch (e) {
-      if (!(e instanceof LeaseRefusedError)) throw e;
-      if (o.recoverDeviceId === undefined) throw fileInUseError(o.filePath);
+    const leases = this.#leases;
+    this.#pushUndo("remove the lease-break listener", leases.listen());
+    if (!leases.take()) {
+      if (this.#opts.recoverDeviceId === undefined) throw fileInUseError(this.#opts.filePath);
       log("recovering without the lease (the file is open elsewhere): file mode until it is free");
     }
-    this.#pushUndo("release the lease", () => {
-      if (this.#lease !== "none") setLease(fd, "unlock", o.filePath);
-      this.#lease = "none";
-    });
-    if (this.#lease === want) {
-      log(`${want} lease taken`);
-      syncAndDropPageCache(fd, o.filePath);
-    }
+    this.#pushUndo("release the lease", () => leases.release());
   }
 
   /** Where the data lives, and whether IO may go there directly (`lib/eligibility.ts`). */
@@ -387,11 +330,11 @@ class Server {
     const backingFd = direct.fd ?? -1;
     this.#backingFd = backingFd;
     if (direct.fd !== null) this.#pushUndo(`close ${direct.devicePath}`, () => close(backingFd));
-    this.#baseMode = direct.fd !== null ? "fast" : "file";
+    this.#leases.baseMode = direct.fd !== null ? "fast" : "file";
     this.#baseReason = direct.fd !== null ? "" : direct.reason;
     this.#directPathOff = direct.fd !== null ? null : direct.code;
     log(
-      this.#baseMode === "fast"
+      this.#leases.baseMode === "fast"
         ? `${eligibility.filesystem} on ${eligibility.device?.devicePath}: direct path enabled`
         : `file mode: ${this.#baseReason}`,
     );
@@ -432,8 +375,8 @@ class Server {
     const o = this.#opts;
     const { createDevice } = await import("./device.ts");
     // A lease break during start-up (handled already) leaves the device starting in file mode.
-    const want = this.#wantedLease();
-    const startMode = this.#baseMode === "fast" && this.#lease === want ? "fast" : "file";
+    const leases = this.#leases;
+    const startMode = leases.baseMode === "fast" && leases.held ? "fast" : "file";
     const device = await createDevice({
       filePath: o.filePath,
       fileFd: this.#fileFd,
@@ -453,17 +396,17 @@ class Server {
     });
     this.#device = device;
     setLogContext(`ublkb${device.id}`);
-    this.#mode = startMode;
+    leases.mode = startMode;
     this.#pushUndo(`stop and delete ${device.blockPath}`, async () => {
       if (this.#handingOver) return; // `device.handOver` let it go already
       if (this.#starting && o.recoverDeviceId !== undefined) return device.abandon();
       await device.stop();
       await device.delete();
     });
-    if (this.#lease !== want) this.#scheduleRetry();
-    if (startMode === "fast" && this.#lease !== want) {
+    if (!leases.held) leases.scheduleRetry();
+    if (startMode === "fast" && !leases.held) {
       // The lease broke while the device was being created: no direct IO without it.
-      await this.#setMode("file", this.#lease, "the lease broke during start-up");
+      await leases.setMode("file", "the lease broke during start-up");
     }
     log(
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
@@ -523,10 +466,6 @@ class Server {
     });
   }
 
-  #wantedLease(): "read" | "write" {
-    return this.#opts.readOnly ? "read" : "write";
-  }
-
   #expectedIdentity(): { dev: string; ino: string } {
     if (this.#opts.expectDev !== undefined && this.#opts.expectIno !== undefined) {
       return { dev: this.#opts.expectDev, ino: this.#opts.expectIno };
@@ -561,9 +500,8 @@ class Server {
     }
     if (this.#stopping) return this.#stopping;
     this.#stopping = (async () => {
-      clearTimeout(this.#retryTimer);
       // Let a mode change in progress finish: it may be draining IO.
-      await this.#chain.catch(() => {});
+      await this.#leases?.stop();
       log(`detaching (${why})`);
       await this.#unwind();
       log("detached; exiting");
@@ -586,41 +524,19 @@ class Server {
     if (this.#stopping) {
       return { ok: false, error: "The server is stopping", exitCode: ExitCode.busy };
     }
-    const flags = device.flags;
-    if (
-      !this.#opts.recoverable || !hasFeature(flags, UBLK_F_USER_RECOVERY) ||
-      !(hasFeature(flags, UBLK_F_QUIESCE) || hasFeature(flags, UBLK_F_USER_RECOVERY_REISSUE))
-    ) {
-      return {
-        ok: false,
-        error: `${device.blockPath} cannot wait for a new server (created without user recovery)`,
-        exitCode: ExitCode.badInput,
-      };
-    }
-    const next = typeof to === "object" && to !== null ? to as Record<string, unknown> : {};
-    const successor = typeof next["pid"] === "number"
-      ? `server ${next["pid"]}${typeof next["program"] === "string" ? ` (${next["program"]})` : ""}`
-      : "a new server";
+    const refusal = handOverRefusal(device, this.#opts.recoverable);
+    if (refusal) return refusal;
+    const successor = successorName(to);
     let handedOver!: () => void;
     this.#stopping = new Promise<void>((r) => (handedOver = r));
     this.#handingOver = true;
-    clearTimeout(this.#retryTimer);
     // Let a mode change in progress finish: it may be draining IO.
-    await this.#chain.catch(() => {});
+    await this.#leases.stop();
     log(
       `handing ${device.blockPath} over to ${successor} (fastloop restart); ` +
         `this is server ${Deno.pid} (${programDescription()}); its IO waits meanwhile`,
     );
-    const startedAt = performance.now();
-    let how: string;
-    try {
-      how = await device.handOver();
-    } catch (e) {
-      // The queues are gone either way; what they still held, the kernel re-issues.
-      const why = e instanceof Error ? e.message : String(e);
-      how = `failed half-way (${why}), the kernel re-issues the rest`;
-    }
-    const ms = Math.round(performance.now() - startedAt);
+    const { how, ms } = await handOverQueues(device);
     log(`${device.blockPath}: ${how}, in ${ms} ms; releasing the lease and the file`);
     await this.#unwind();
     log(`handed ${device.blockPath} over to ${successor}; exiting`);
@@ -633,83 +549,6 @@ class Server {
       // Called by the control socket once this reply is written: then the process may end.
       afterReply: () => this.#resolveDone(EXIT_HANDED_OVER),
     };
-  }
-
-  // --- lease breaks -------------------------------------------------------------------------
-
-  #onLeaseBreak(to: "read" | "none"): void {
-    const brokeAt = performance.now();
-    this.#leaseBreaks++;
-    const opener = to === "read" ? "a reader" : "a writer or truncate";
-    log(`lease break: ${opener} opened ${this.#opts.filePath}`);
-    this.#enqueue(async () => {
-      const fd = this.#fileFd;
-      const path = this.#opts.filePath;
-      if (this.#lease === "none") return;
-      // Reader or writer alike (see the header): no direct IO may remain in flight when the
-      // opener proceeds, and no old mapping may be used afterwards. Trying a downgrade first
-      // would cost the opener a second drain for a refusal.
-      await this.#setMode("file", this.#lease, `${opener} opened the file`);
-      setLease(fd, "unlock", path);
-      this.#lease = "none";
-      // The opener has been waiting since the break: this is its delay (issue 5 wants ms).
-      log(
-        `lease released ${(performance.now() - brokeAt).toFixed(1)} ms after the break; ` +
-          "serving through the file",
-      );
-      this.#scheduleRetry();
-    });
-  }
-
-  /** Retries the base lease with backoff until it is held again, then restores the base mode. */
-  #scheduleRetry(): void {
-    clearTimeout(this.#retryTimer);
-    if (this.#stopping) return;
-    this.#retryTimer = setTimeout(() => {
-      this.#enqueue(async () => {
-        if (this.#stopping) return;
-        const want = this.#opts.readOnly ? "read" : "write";
-        const fd = this.#fileFd;
-        if (this.#lease === want) return;
-        if (trySetLease(fd, want, this.#opts.filePath)) {
-          this.#lease = want;
-          this.#leaseRegains++;
-          this.#retryDelayMs = LEASE_RETRY_FIRST_MS;
-          log(`${want} lease regained`);
-          // Whoever had the file open may have left pages in its page cache.
-          syncAndDropPageCache(fd, this.#opts.filePath);
-          await this.#setMode(this.#baseMode, want, "lease regained (fresh mapping)");
-          return;
-        }
-        this.#retryDelayMs = Math.min(this.#retryDelayMs * 2, LEASE_RETRY_MAX_MS);
-        this.#scheduleRetry();
-      });
-    }, this.#retryDelayMs);
-  }
-
-  #enqueue(step: () => Promise<void>): void {
-    this.#chain = this.#chain.then(step).catch((e) => {
-      log(`lease handling failed: ${e instanceof Error ? e.message : String(e)}`);
-      // Safety first: whatever failed, do not leave direct IO running without a lease.
-      if (this.#lease === "none" && this.#mode !== "file") {
-        return this.#setMode("file", "none", "error in lease handling").catch(() => {});
-      }
-    });
-  }
-
-  async #setMode(to: Mode, lease: LeaseType, why: string): Promise<void> {
-    const from = this.#mode;
-    if (from === to) return;
-    if (this.#device) await this.#device.setMode(to);
-    this.#mode = to;
-    this.#record_(to, why, from, lease);
-  }
-
-  #record_(to: Mode, why: string, from: Mode = this.#mode, lease: LeaseType = this.#lease): void {
-    this.#transitionCount++;
-    this.#transitions.push({ at: new Date().toISOString(), from, to, lease, why });
-    if (this.#transitions.length > MAX_TRANSITIONS_KEPT) this.#transitions.shift();
-    log(`mode ${from} -> ${to}: ${why}`);
   }
 
   // --- control socket -----------------------------------------------------------------------
@@ -764,16 +603,9 @@ class Server {
       file: this.#opts.filePath,
       filesystem: this.#filesystem,
       backingDevice: this.#backingDevice,
-      mode: this.#mode,
-      baseMode: this.#baseMode,
+      ...this.#leases?.stat(),
       modeReason: this.#baseReason || undefined,
       directPathOff: this.#directPathOff ?? undefined,
-      lease: this.#lease,
-      leaseKernel: this.#fileFd >= 0 ? safe(() => getLease(this.#fileFd)) : undefined,
-      leaseBreaks: this.#leaseBreaks,
-      leaseRegains: this.#leaseRegains,
-      transitions: this.#transitionCount,
-      recentTransitions: this.#transitions,
       readOnly: this.#opts.readOnly,
       offsetBytes: this.#opts.offsetBytes,
       sizeLimitBytes: this.#opts.sizeLimitBytes,
@@ -798,64 +630,11 @@ class Server {
   }
 }
 
-/**
- * Before direct IO begins (the lease just taken): write back the file's dirty pages and drop its
- * page cache. A dirty page is newer than the disk (a direct read would return stale data) and,
- * written back later, would overwrite a direct write with older data; a clean page would be
- * served to the next opener instead of what was written directly. Holding the write lease,
- * nobody else has the file open, so no page can come back until a break; under a read lease
- * nobody can write.
- */
-function syncAndDropPageCache(fd: number, path: string): void {
-  fdatasync(fd, path);
-  fadvise(fd, 0, 0, POSIX_FADV_DONTNEED, path);
-}
-
-/**
- * Fault injection for the supervisor's tests: FASTLOOP_FAULT_POISON_FILE names a file holding a
- * byte offset, read at each server's start; a request covering that byte kills the server, so
- * every server dies on the same waiting request until the file is removed. -1: off.
- */
-function poisonByte(): number {
-  const path = Deno.env.get("FASTLOOP_FAULT_POISON_FILE");
-  if (!path) return -1;
-  try {
-    const byte = Number(Deno.readTextFileSync(path).trim());
-    if (Number.isSafeInteger(byte) && byte >= 0) {
-      log(`fault injection: a request covering byte ${byte} kills this server`);
-      return byte;
-    }
-  } catch {
-    // No poison file (any more): a healthy server.
-  }
-  return -1;
-}
-
-/** Fails fast and clearly on a kernel without ublk, before anything about the file is decided. */
-function requireUblk(): void {
-  try {
-    Deno.statSync("/dev/ublk-control");
-  } catch {
-    throw new UserError(
-      "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
-      ExitCode.unsupported,
-    );
-  }
-}
-
 function readSysfs(path: string): string {
   try {
     return Deno.readTextFileSync(path).trim();
   } catch {
     return "";
-  }
-}
-
-function safe<T>(f: () => T): T | undefined {
-  try {
-    return f();
-  } catch {
-    return undefined;
   }
 }
 

@@ -372,3 +372,23 @@ async function readFirstLine(
     await reader.cancel().catch(() => {});
   }
 }
+
+/**
+ * Fault injection for the supervisor's tests: FASTLOOP_FAULT_POISON_FILE names a file holding a
+ * byte offset, read at each server's start; a request covering that byte kills the server, so
+ * every server dies on the same waiting request until the file is removed. -1: off.
+ */
+export function poisonByte(): number {
+  const path = Deno.env.get("FASTLOOP_FAULT_POISON_FILE");
+  if (!path) return -1;
+  try {
+    const byte = Number(Deno.readTextFileSync(path).trim());
+    if (Number.isSafeInteger(byte) && byte >= 0) {
+      log(`fault injection: a request covering byte ${byte} kills this server`);
+      return byte;
+    }
+  } catch {
+    // No poison file (any more): a healthy server.
+  }
+  return -1;
+}

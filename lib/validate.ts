@@ -317,3 +317,15 @@ export function blockDeviceNumbers(path: string): { major: number; minor: number
     throw e;
   }
 }
+
+/** Fails fast and clearly on a kernel without ublk, before anything about the file is decided. */
+export function requireUblk(): void {
+  try {
+    Deno.statSync("/dev/ublk-control");
+  } catch {
+    throw new UserError(
+      "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
+      ExitCode.unsupported,
+    );
+  }
+}
