@@ -134,10 +134,17 @@ export function leakCounts(): LeakCounts {
     fds: procs.reduce((n, p) => n + (procUsage(p.pid)?.fds ?? 0), 0),
     leases: locks.filter((l) => / LEASE /.test(l)).length,
     flocks: locks.filter((l) => / FLOCK /.test(l)).length,
-    registry: names("/run/fastloop", /./).filter((n) => n !== "log" && n !== "files").length +
-      names("/run/fastloop/files", /./).length,
+    registry: registryNames().length,
     logs: names("/run/fastloop/log", /./).length,
   };
+}
+
+/** What `LeakCounts.registry` counts, by name, so that a leak says what was left. */
+function registryNames(): string[] {
+  return [
+    ...names("/run/fastloop", /./).filter((n) => n !== "log" && n !== "files"),
+    ...names("/run/fastloop/files", /./).map((n) => `files/${n}`),
+  ];
 }
 
 export function formatCounts(c: LeakCounts): string {
@@ -152,7 +159,13 @@ export function formatCounts(c: LeakCounts): string {
 export function assertNoLeaks(after: LeakCounts, before: LeakCounts, what: string): void {
   const { logs: _a, ...rest } = after;
   const { logs: _b, ...base } = before;
-  assert.deepEqual(rest, base, `${what}: leaked (${formatCounts(after)})`);
+  assert.deepEqual(
+    rest,
+    base,
+    `${what}: leaked (${formatCounts(after)}; /run/fastloop has ${
+      registryNames().join(" ") || "nothing"
+    })`,
+  );
   assert.ok(
     after.logs <= Math.max(before.logs, KEPT_OLD_LOGS + 1),
     `${what}: ${after.logs} logs left (attach keeps ${KEPT_OLD_LOGS} of gone devices)`,

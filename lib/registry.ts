@@ -202,11 +202,20 @@ export function writeJsonAtomically(path: string, value: unknown): void {
  */
 export function removeRecord(id: number): void {
   for (const path of [recordPath(id), socketPath(id), supervisorStatusPath(id)]) {
-    try {
-      Deno.removeSync(path);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
+    removeIfThere(path);
+  }
+}
+
+/** Removes a supervisor's status alone (its device was detached: the server removed the rest). */
+export function removeSupervisorStatus(id: number): void {
+  removeIfThere(supervisorStatusPath(id));
+}
+
+function removeIfThere(path: string): void {
+  try {
+    Deno.removeSync(path);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
 }
 

@@ -37,6 +37,7 @@ import {
   readRecord,
   readSupervisorStatus,
   removeRecord,
+  removeSupervisorStatus,
   type SupervisorStatus,
   writeSupervisorStatus,
 } from "./registry.ts";
@@ -229,6 +230,9 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
     const pid = child.pid;
     child = null;
     if (exit.success) {
+      // The server removed the record, socket and our status as it detached, but our own last
+      // publish can land after that (a ready server detached just as it had served long enough).
+      if (deviceId !== null && readRecord(deviceId) === null) removeSupervisorStatus(deviceId);
       say("server exited after detaching; done");
       return ExitCode.ok;
     }
