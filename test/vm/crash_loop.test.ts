@@ -189,8 +189,22 @@ Deno.test("a request that kills every server that serves it: IO waits, stat show
       assert.match(row.supervisor!.lastDeath!.how, /signal SIGKILL|signal 9/);
       assert.match(row.supervisor!.lastDeath!.cause, /died [0-9.]+ s after it was ready/);
       await assertTableShowsCrashLoop(dev, /after it was ready/);
-      Deno.removeSync(poison);
     } finally {
+      // However the checks above ended, the cause goes, and the write gets a bounded time to
+      // complete: a write still waiting fails the test (with the diagnostics) instead of hanging.
+      try {
+        Deno.removeSync(poison);
+      } catch { /* removed already */ }
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const waited = await Promise.race([
+        writeOut.then(() => true),
+        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), 180_000))),
+      ]);
+      clearTimeout(timer);
+      if (!waited) {
+        write.kill("SIGKILL");
+        assert.fail(`the waiting write did not complete within 180 s of the cause going away`);
+      }
       const out = await writeOut;
       assert.equal(
         out.code,
