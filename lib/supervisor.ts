@@ -156,7 +156,10 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       })`,
     );
     if (reported) publish("starting");
-    const line = await readFirstLine(child.stdout, reported ? RESTART_READY_TIMEOUT_MS : 0);
+    const { line, timedOut } = await readFirstLine(
+      child.stdout,
+      reported ? RESTART_READY_TIMEOUT_MS : 0,
+    );
     let reply: Record<string, unknown> | null = null;
     try {
       reply = line === null ? null : JSON.parse(line);
@@ -219,7 +222,9 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
         publish("serving");
       }
     } else if (line === null && !stopping) {
-      say("the new server did not report in time; stopping it");
+      // Timed out, or its stdout ended: it is exiting (a waiting request can kill it before it
+      // says ready). Either way it will not serve.
+      if (timedOut) say("the new server did not report in time; stopping it");
       try {
         child.kill("SIGKILL");
       } catch {
@@ -249,7 +254,7 @@ export async function runSupervisor(opts: SupervisorOptions): Promise<number> {
       ? `it died ${seconds(diedAtMs - readyAtMs)} after it was ready`
       : typeof reply?.["error"] === "string"
       ? `it could not start: ${reply["error"]}`
-      : line === null
+      : timedOut
       ? "it did not report ready in time"
       : "it died before it was ready";
     say(`server died (${how}): ${cause}`);
@@ -355,7 +360,7 @@ function seconds(ms: number): string {
 async function readFirstLine(
   stream: ReadableStream<Uint8Array>,
   timeoutMs: number,
-): Promise<string | null> {
+): Promise<{ line: string | null; timedOut: boolean }> {
   const reader = stream.getReader();
   const decoder = new TextDecoder();
   let text = "";
@@ -366,10 +371,10 @@ async function readFirstLine(
   try {
     for (;;) {
       const next = await Promise.race([reader.read(), timeout]);
-      if (next === "timeout" || next.done) return null;
+      if (next === "timeout" || next.done) return { line: null, timedOut: next === "timeout" };
       text += decoder.decode(next.value, { stream: true });
       const nl = text.indexOf("\n");
-      if (nl >= 0) return text.slice(0, nl);
+      if (nl >= 0) return { line: text.slice(0, nl), timedOut: false };
     }
   } finally {
     clearTimeout(timer);
