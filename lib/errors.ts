@@ -37,3 +37,11 @@ export class UsageError extends UserError {
     super(message, ExitCode.usage);
   }
 }
+
+/** This kernel has no ublk (or its module is not loaded): the one message for it. */
+export function ublkMissingError(): UserError {
+  return new UserError(
+    "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
+    ExitCode.unsupported,
+  );
+}

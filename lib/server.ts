@@ -6,7 +6,6 @@
 //! Start-up is all-or-nothing: every step pushes its undo on a stack, and a failure unwinds it
 //! before the one readiness line (`{"ok":false,…}`) goes out, so a failed attach leaves no device,
 //! record, lock or lease behind. After the readiness line, stdout and stderr both point at the log.
-
 //!
 //! The lease and the modes it allows are `lib/lease_policy.ts`'s.
 
@@ -107,15 +106,13 @@ class Server {
   #resizing: Promise<unknown> = Promise.resolve();
   #backingFd = -1;
   #blockSizes = { logical: 512, physical: 4096 };
-  /** Made when the file is open; until then, a placeholder for `stat`'s sake. */
+  /** Made once the file is open (`#openFile`); `stat` and `stop` before that see none. */
   #leases!: LeasePolicy;
   /** Why the device cannot use the direct path ("" when it can). */
   #baseReason = "";
   #directPathOff: DirectPathOff | null = null;
-
   #filesystem = "";
   #backingDevice: string | null = null;
-
   #stopping: Promise<void> | null = null;
   /** Handing the device over to a new server (`fastloop restart`): it is no longer ours. */
   #handingOver = false;

@@ -20,7 +20,7 @@
 import { IORING_ASYNC_CANCEL_ALL, IORING_ASYNC_CANCEL_ANY, IoUring } from "../ffi/io_uring.ts";
 import { AlignedBuffer, close, geteuid, O_RDWR, open } from "../ffi/libc.ts";
 import { EACCES, EBADF, ENOENT, EOPNOTSUPP, EPERM, SyscallError } from "../ffi/errno.ts";
-import { ExitCode, UserError } from "./errors.ts";
+import { ExitCode, ublkMissingError, UserError } from "./errors.ts";
 import {
   type BasicParams,
   CTRL_CMD_ADDR,
@@ -126,10 +126,7 @@ export class UblkControl {
       fd = open(UBLK_CONTROL_PATH, O_RDWR);
     } catch (e) {
       if (e instanceof SyscallError && e.errno === ENOENT) {
-        throw new UserError(
-          "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
-          ExitCode.unsupported,
-        );
+        throw ublkMissingError();
       }
       if (e instanceof SyscallError && (e.errno === EACCES || e.errno === EPERM)) {
         throw new UserError(

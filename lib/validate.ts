@@ -18,7 +18,7 @@ import {
   S_IFMT,
   ST_RDONLY,
 } from "../ffi/libc.ts";
-import { ExitCode, UserError } from "./errors.ts";
+import { ExitCode, ublkMissingError, UserError } from "./errors.ts";
 import { findByFile, quotePath as quote } from "./registry.ts";
 import { checkSectorSize, type Layout, regionLength } from "./region.ts";
 
@@ -323,9 +323,6 @@ export function requireUblk(): void {
   try {
     Deno.statSync("/dev/ublk-control");
   } catch {
-    throw new UserError(
-      "ublk is not available: /dev/ublk-control is missing (modprobe ublk_drv)",
-      ExitCode.unsupported,
-    );
+    throw ublkMissingError();
   }
 }
