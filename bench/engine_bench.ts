@@ -42,7 +42,8 @@ import {
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
 } from "../ffi/ublk_cmd.ts";
-import { QueueEngine, setupQueueRing } from "../lib/event_loop.ts";
+import { QueueEngine } from "../lib/event_loop.ts";
+import { setupQueueRing } from "../lib/queue_ring.ts";
 import { Counter, createSharedState, type QueueConfig } from "../lib/queue_state.ts";
 import type { CopyBuffers } from "../lib/request_data.ts";
 import { longestPhysicalRun } from "./filefrag.ts";

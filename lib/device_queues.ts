@@ -1,8 +1,12 @@
 //! The Workers of a device's queues, as `lib/device.ts` drives them: started one per queue on
-//! lib/event_loop.ts (each resolves once it has fetched every tag), reached through their mailboxes
+//! this module (each resolves once it has fetched every tag), reached through their mailboxes
 //! (`postToQueues`, quit included), joined, and closed; and the latest of their last errors.
+//! Both ends of a Worker are here: in a Worker, the entry at the end of this file runs the
+//! queue's loop (`runQueue` in lib/event_loop.ts) on the Worker's thread.
 
-import { close, eventfd } from "../ffi/libc.ts";
+import { close, eventfd, pinThreadToCpu } from "../ffi/libc.ts";
+import { mapIoDescriptors } from "../ffi/ublk_cmd.ts";
+import { runQueue } from "./event_loop.ts";
 import {
   type LastError,
   MbOp,
@@ -75,7 +79,7 @@ export function startQueues(
   const fetchingAll: Promise<void>[] = [];
   for (let queueId = 0; queueId < base.queues; queueId++) {
     const efd = eventfd(0);
-    const worker = new Worker(new URL("./event_loop.ts", import.meta.url), { type: "module" });
+    const worker = new Worker(import.meta.url, { type: "module" });
     let resolveFetching!: () => void;
     let rejectFetching!: (e: Error) => void;
     fetchingAll.push(
@@ -138,4 +142,35 @@ export function latestError(
 
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// --- the Worker entry ---------------------------------------------------------------------------
+
+interface WorkerScope {
+  onmessage: ((event: MessageEvent<QueueConfig>) => void) | null;
+  postMessage(message: WorkerMessage): void;
+  close(): void;
+}
+
+// In a Worker (only there is `WorkerGlobalScope` defined) this module serves the queue it is
+// posted: it maps the queue's descriptors, runs `runQueue` on this thread and reports.
+if (typeof (globalThis as { WorkerGlobalScope?: unknown }).WorkerGlobalScope === "function") {
+  const scope = globalThis as unknown as WorkerScope;
+  scope.onmessage = (event) => {
+    const cfg = event.data;
+    try {
+      if (cfg.queueCpu >= 0) pinThreadToCpu(cfg.queueCpu);
+      const { desc, unmap } = mapIoDescriptors(cfg.charFd, cfg.devId, cfg.queueId, cfg.depth);
+      try {
+        runQueue(cfg, desc, () => scope.postMessage({ type: "fetching", queueId: cfg.queueId }));
+      } finally {
+        unmap();
+      }
+      scope.postMessage({ type: "exit", queueId: cfg.queueId });
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      scope.postMessage({ type: "error", queueId: cfg.queueId, message });
+    }
+    scope.close();
+  };
 }

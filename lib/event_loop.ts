@@ -1,6 +1,6 @@
 //! One ublk queue: the request loop, and the engine that serves its requests with the queue's own
-//! extent cache. `lib/device.ts` starts one Worker per queue on this module (the Worker entry is
-//! at its end); the main thread reaches it only through `lib/queue_state.ts`.
+//! extent cache. Each queue's Worker (`lib/device_queues.ts`) runs `runQueue`; the main thread
+//! reaches it only through `lib/queue_state.ts`.
 //!
 //! Threading. ublk requires every command of a queue (FETCH_REQ, COMMIT_AND_FETCH_REQ) to be
 //! issued by one task on kernels before UBLK_F_PER_IO_DAEMON (6.16), and Deno's `nonblocking` FFI
@@ -15,47 +15,20 @@
 //!  3. `#admit` and `#route`, the one place that says where a byte goes (the filesystem's device,
 //!     the file, or zeros) and why; `#issue` turns consecutive pieces that go to the same place
 //!     into one `Segment` each.
-//!  4. `#submit` prepares every backend SQE; `#complete` takes every backend CQE: in-flight
+//!  4. `#submit` prepares every backend SQE; `onBackendCqe` takes every backend CQE: in-flight
 //!     counts, EINTR/EAGAIN re-issued, short transfers continued, the first error kept.
 //!  5. `#finish`: counters, the error record, and the result to the `Completer` (in the loop,
 //!     COMMIT_AND_FETCH_REQ).
-//! FLUSH, DISCARD and WRITE_ZEROES take the same `#submit`/`#complete` pair. Backend errors
+//! FLUSH, DISCARD and WRITE_ZEROES take the same `#submit`/`onBackendCqe` pair. Backend errors
 //! complete their request with -errno and never stop the queue. Nothing here allocates per IO:
 //! the records (`lib/request.ts`) are preallocated per tag.
 
+import { type IoUring, RWF_DSYNC } from "../ffi/io_uring.ts";
+import { AlignedBuffer } from "../ffi/libc.ts";
+import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
 import {
-  IORING_SETUP_COOP_TASKRUN,
-  IORING_SETUP_DEFER_TASKRUN,
-  IORING_SETUP_SINGLE_ISSUER,
-  IORING_SETUP_TASKRUN_FLAG,
-  IoUring,
-  RWF_DSYNC,
-} from "../ffi/io_uring.ts";
-import {
-  AlignedBuffer,
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  fstat,
-  fstatfs,
-  pinThreadToCpu,
-} from "../ffi/libc.ts";
-import {
-  EAGAIN,
-  EINTR,
-  EIO,
-  ENOSPC,
-  EOPNOTSUPP,
-  EROFS,
-  errnoName,
-  SyscallError,
-} from "../ffi/errno.ts";
-import { fiemap } from "../ffi/fiemap.ts";
-import {
-  mapIoDescriptors,
   prepIoCommand,
   UBLK_IO_F_FUA,
-  UBLK_IO_F_NOUNMAP,
   UBLK_IO_OP_DISCARD,
   UBLK_IO_OP_FLUSH,
   UBLK_IO_OP_READ,
@@ -66,7 +39,7 @@ import {
   UBLK_U_IO_COMMIT_AND_FETCH_REQ,
   UBLK_U_IO_FETCH_REQ,
 } from "../ffi/ublk_cmd.ts";
-import { ExtentCache, ExtentKind } from "./extent_cache.ts";
+import { ExtentCache, ExtentKind, fileExtentSource } from "./extent_cache.ts";
 import { PunchFence, QueueFence } from "./queue_fence.ts";
 import {
   Counter,
@@ -78,7 +51,6 @@ import {
   type QueueConfig,
   QueueShared,
   QueueState,
-  type WorkerMessage,
 } from "./queue_state.ts";
 import {
   OP_NONE,
@@ -94,6 +66,8 @@ import {
   UD_TAG_MASK,
   Why,
 } from "./request.ts";
+import { QueueWait, setupQueueRing } from "./queue_ring.ts";
+import { filesystemBlockBytes, RegionBounds } from "./region.ts";
 import { AutoRegisteredBuffers, CopyBuffers, type RequestData } from "./request_data.ts";
 
 /** The registered file index of /dev/ublkcN (see the engine's `#files`). */
@@ -131,14 +105,8 @@ export class QueueEngine {
   readonly #zeros: AlignedBuffer;
   /** The file's filesystem block size: fallocate gets only whole blocks (see `#punch`). */
   readonly #fsBlockBytes: number;
-  /**
-   * The file's size as last seen (at most `#regionEnd`): IO ending past it fails with EIO instead
-   * of re-growing a file someone else truncated. Exact while the lease is held (a truncate breaks
-   * it first); looked up again per request in file mode, on leaving it and on a resize.
-   */
-  #sizeBytes: number;
-  /** The file offset where the device ends: its region's start + its size (`setDeviceSize`). */
-  #regionEnd: number;
+  /** How far IO may reach in the file: the device's end, and the file's size as last seen. */
+  readonly #bounds: RegionBounds;
   /**
    * A write or allocation went through the file since the last FLUSH. True at first: a server
    * that took the device over (recovery, restart) cannot know what its predecessor wrote through
@@ -154,10 +122,13 @@ export class QueueEngine {
     this.#desc = desc;
     this.#completer = completer;
     this.mode = cfg.mode;
-    this.#regionEnd = cfg.regionOffsetBytes + cfg.fileSizeBytes;
-    this.#sizeBytes = this.#regionEnd;
-    this.#refreshSize();
-    this.#fsBlockBytes = filesystemBlockBytes(cfg);
+    this.#bounds = new RegionBounds(
+      cfg.fileFd,
+      cfg.filePath,
+      cfg.regionOffsetBytes,
+      cfg.fileSizeBytes,
+    );
+    this.#fsBlockBytes = filesystemBlockBytes(cfg.fileFd, cfg.filePath, cfg.logicalBlockSize);
     this.shared = new QueueShared(cfg.sab, cfg.queues, cfg.queueId);
     for (let tag = 0; tag < cfg.depth; tag++) this.#requests.push(new Request(tag));
     this.#fence = new PunchFence(
@@ -173,14 +144,9 @@ export class QueueEngine {
     this.#files = [cfg.charFd, cfg.backingFd, cfg.fileFd, this.data.zeroFd];
     ring.registerFiles(this.#files);
     this.#zeros = new AlignedBuffer(Math.max(2 * this.#fsBlockBytes, 4096));
-    // No FIEMAP_FLAG_SYNC: the server writes only with O_DIRECT and holds the lease, so nothing
-    // of the file is dirty in the page cache; delalloc extents are classified via-file.
-    const source = {
-      map: (offset: number, length: number, maxExtents?: number) =>
-        fiemap(cfg.fileFd, offset, length, { path: cfg.filePath, maxExtents }),
-    };
+    const source = fileExtentSource(cfg.fileFd, cfg.filePath);
     this.#cache = cfg.backingFd < 0 ? null : new ExtentCache(source, {
-      fileSizeBytes: this.#sizeBytes,
+      fileSizeBytes: this.#bounds.sizeBytes,
       maxExtents: cfg.maxExtents,
       blockSize: cfg.logicalBlockSize,
     });
@@ -201,7 +167,7 @@ export class QueueEngine {
       case UBLK_IO_OP_READ:
       case UBLK_IO_OP_WRITE:
         c[req.op === UBLK_IO_OP_READ ? Counter.reads : Counter.writes]!++;
-        if (end > this.#regionEnd || req.length > this.#cfg.maxIoBytes) {
+        if (end > this.#bounds.regionEnd || req.length > this.#cfg.maxIoBytes) {
           return this.#finish(req, -EIO);
         }
         if (req.op === UBLK_IO_OP_WRITE && this.#cfg.readOnly) return this.#finish(req, -EROFS);
@@ -216,7 +182,7 @@ export class QueueEngine {
       case UBLK_IO_OP_WRITE_ZEROES:
         c[req.op === UBLK_IO_OP_DISCARD ? Counter.discards : Counter.writeZeroes]!++;
         if (this.#cfg.readOnly) return this.#finish(req, -EROFS);
-        if (end > this.#regionEnd || end > this.#currentSize()) {
+        if (end > this.#bounds.regionEnd || end > this.#currentSize()) {
           return this.#finish(req, -EIO);
         }
         this.#fence.defer(req);
@@ -363,42 +329,14 @@ export class QueueEngine {
 
   // --- discard / write-zeroes -----------------------------------------------------------------
 
-  /**
-   * Punches (or zeroes) the range in the file, keeping its size. Only whole filesystem blocks go
-   * to fallocate: for a partial block, ext4 and xfs zero the rest through the page cache, and that
-   * dirty page, written back later, would overwrite whatever was written directly to the block
-   * meanwhile. So a discard skips its partial blocks (discard is advisory), and write-zeroes
-   * writes zeros there through the file with O_DIRECT.
-   */
+  /** Punches (or zeroes) the range in the file, keeping its size (`Request.addPunchSegments`). */
   #punch(req: Request): void {
     // No direct IO may use a mapping from before the punch: forget it now, steer overlapping
     // requests to the file while the punch runs, and forget it again when it is done.
     this.#cache?.invalidate(req.offset, req.length);
     this.#fileDirty = true;
-    const fd = this.#cfg.fileFd;
-    const end = req.offset + req.length;
-    const block = this.#fsBlockBytes;
-    const alignedStart = Math.ceil(req.offset / block) * block;
-    const alignedEnd = Math.floor(end / block) * block;
-    const whole = alignedStart < alignedEnd;
-    if (whole) {
-      const zero = req.op === UBLK_IO_OP_WRITE_ZEROES && (req.flags & UBLK_IO_F_NOUNMAP) !== 0;
-      const mode = FALLOC_FL_KEEP_SIZE | (zero ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
-      const length = alignedEnd - alignedStart;
-      this.#submit(
-        req,
-        req.addSegment(SegKind.fallocate, fd, alignedStart, 0, length, false, mode),
-      );
-    }
-    if (req.op === UBLK_IO_OP_WRITE_ZEROES) {
-      // The partial blocks at either end, or the whole range when it holds no whole block: under
-      // two blocks each, which `#zeros` holds.
-      const head = (whole ? alignedStart : end) - req.offset;
-      const tail = whole ? end - alignedEnd : 0;
-      const z = SegKind.zeroWrite;
-      if (head > 0) this.#submit(req, req.addSegment(z, fd, req.offset, 0, head, false, 0));
-      if (tail > 0) this.#submit(req, req.addSegment(z, fd, alignedEnd, 0, tail, false, 0));
-    }
+    req.addPunchSegments(this.#cfg.fileFd, this.#fsBlockBytes);
+    for (let i = 0; i < req.segCount; i++) this.#submit(req, req.segments[i]!);
     // A discard within one block: nothing to do.
     if (req.pending === 0) this.#punchDone(req);
   }
@@ -496,20 +434,12 @@ export class QueueEngine {
   // --- 5. the end of a request ----------------------------------------------------------------
 
   #finish(req: Request, result: number): void {
-    const c = this.shared.counters;
     if (result < 0) {
-      c[Counter.errors]!++;
-      const kind = result === -EIO
-        ? Counter.errorsEio
-        : result === -ENOSPC
-        ? Counter.errorsEnospc
-        : Counter.errorsOther;
-      c[kind]!++;
-      this.shared.recordError(-result, req.op, req.offset, req.length, req.errorPath);
+      this.shared.recordRequestError(-result, req.op, req.offset, req.length, req.errorPath);
     }
     req.op = OP_NONE;
     this.#fence.requestDone(req);
-    c[Counter.inflight]!--;
+    this.shared.counters[Counter.inflight]!--;
     this.#completer.complete(req.tag, result);
   }
 
@@ -534,7 +464,7 @@ export class QueueEngine {
    * served from now on. Posted before the kernel learns the size, so it never sends one past it.
    */
   setDeviceSize(sizeBytes: number): void {
-    this.#regionEnd = this.#cfg.regionOffsetBytes + sizeBytes;
+    this.#bounds.setDeviceSize(sizeBytes);
     this.#refreshSize();
   }
 
@@ -543,19 +473,9 @@ export class QueueEngine {
     return this.mode !== "file" || this.directInflight === 0;
   }
 
-  /**
-   * Copies the cache statistics into the shared counters: asked for by `stat` (MbOp.stats) and
-   * done at the queue's end, never per IO.
-   */
+  /** The cache statistics to the shared counters (for `stat`: never per IO). */
   publishStats(): void {
-    if (this.#cache === null) return;
-    const c = this.shared.counters;
-    const s = this.#cache.stats();
-    c[Counter.cacheHits] = s.hits;
-    c[Counter.cacheMisses] = s.misses;
-    c[Counter.fiemapCalls] = s.fiemapCalls;
-    c[Counter.extentsCached] = s.extents;
-    c[Counter.extentCacheBytes] = s.memoryBytes;
+    if (this.#cache !== null) this.shared.publishCacheStats(this.#cache.stats());
   }
 
   close(): void {
@@ -570,37 +490,17 @@ export class QueueEngine {
    */
   #currentSize(): number {
     if (this.mode === "file") this.#refreshSize();
-    return this.#sizeBytes;
+    return this.#bounds.sizeBytes;
   }
 
   #refreshSize(): void {
-    let size: number;
-    try {
-      size = fstat(this.#cfg.fileFd, this.#cfg.filePath).size;
-    } catch {
-      return; // fstat on an open fd does not fail in practice; keep the last size
-    }
-    const next = Math.min(this.#regionEnd, size);
-    if (next !== this.#sizeBytes) {
-      this.#sizeBytes = next;
-      this.#cache?.resize(next);
-    }
+    if (this.#bounds.refresh()) this.#cache?.resize(this.#bounds.sizeBytes);
   }
 
   /** The file's mapping changed in a range: forget it here and tell the other queues. */
   #changed(offset: number, length: number): void {
     this.#cache?.invalidate(offset, length);
     this.#fence.changed(offset, length);
-  }
-}
-
-/** The filesystem block size of the file (at least the device's logical block). */
-function filesystemBlockBytes(cfg: QueueConfig): number {
-  try {
-    return Math.max(cfg.logicalBlockSize, fstatfs(cfg.fileFd, cfg.filePath).blockSize);
-  } catch {
-    // Not expected on an open fd; then the page size is the safe assumption for ext4/xfs.
-    return Math.max(cfg.logicalBlockSize, 4096);
   }
 }
 
@@ -697,20 +597,9 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     ring.submit();
     shared.setState(QueueState.fetching);
     onFetching();
-    const spin = new AdaptiveSpin(cfg.spinUs / 1000);
+    const wait = new QueueWait(ring, cfg.spinUs);
     for (;;) {
-      if (ring.cqReady() === 0) {
-        if (spin.budgetMs > 0) {
-          // What this turn prepared goes out first, then a short spin for what comes back.
-          ring.submit();
-          spin.spun(ring.spinForWork(performance.now() + spin.budgetMs));
-        } else if (spin.maxMs > 0) {
-          const t0 = performance.now();
-          ring.submitAndWait(1);
-          spin.slept(performance.now() - t0);
-        }
-      }
-      ring.submitAndWait(ring.cqReady() === 0 ? 1 : 0);
+      wait.submitAndWait();
       ring.reapCqes(onCqe);
       engine.afterTurn();
       c[Counter.turns]!++;
@@ -745,76 +634,4 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     // START_USER_RECOVERY hung). Closed by the exit, such a request is re-issued, as after a crash.
     if (modeSeq !== 0) shared.acknowledge(modeSeq);
   }
-}
-
-/**
- * A short spin before sleeping, for latency: waking a sleeping thread costs a scheduler round trip
- * (under a VM an IPI between vCPUs), often more than the wait itself at low queue depth. It spins
- * only while work keeps coming back within `maxMs`: a spin that finds nothing turns it off, and a
- * sleep that ends within `maxMs` turns it back on, so an idle queue sleeps.
- */
-class AdaptiveSpin {
-  budgetMs: number;
-  constructor(readonly maxMs: number) {
-    this.budgetMs = maxMs;
-  }
-  spun(found: boolean): void {
-    if (!found) this.budgetMs = 0;
-  }
-  slept(ms: number): void {
-    if (ms < this.maxMs) this.budgetMs = this.maxMs;
-  }
-}
-
-/**
- * The ring of a queue of `depth` tags. Only this Worker ever enters it, so by default it is
- * SINGLE_ISSUER with DEFER_TASKRUN: ublk delivers requests as task work, which then runs inside
- * our own io_uring_enter instead of interrupting the thread (fewer wake-ups per batch). Kernels
- * without those flags get COOP_TASKRUN, then a plain ring; `mode` starts lower down that list.
- */
-export function setupQueueRing(depth: number, mode: QueueConfig["ringMode"] = "defer"): IoUring {
-  let entries = 64;
-  while (entries < Math.min(4096, depth * 2 + 8)) entries *= 2;
-  // TASKRUN_FLAG: pending task work shows in the SQ ring's flags (AdaptiveSpin watches it).
-  const choices = [
-    IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
-    IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
-    0,
-  ].slice(mode === "plain" ? 2 : mode === "coop" ? 1 : 0);
-  return IoUring.setupFirst(
-    entries,
-    { sqe128: true, cqe32: true, cqEntries: entries * 4 },
-    choices,
-  );
-}
-
-// --- the Worker entry ---------------------------------------------------------------------------
-
-interface WorkerScope {
-  onmessage: ((event: MessageEvent<QueueConfig>) => void) | null;
-  postMessage(message: WorkerMessage): void;
-  close(): void;
-}
-
-// In a Worker (only there is `WorkerGlobalScope` defined) this module serves the queue it is
-// posted: it maps the queue's descriptors, runs `runQueue` on this thread and reports.
-if (typeof (globalThis as { WorkerGlobalScope?: unknown }).WorkerGlobalScope === "function") {
-  const scope = globalThis as unknown as WorkerScope;
-  scope.onmessage = (event) => {
-    const cfg = event.data;
-    try {
-      if (cfg.queueCpu >= 0) pinThreadToCpu(cfg.queueCpu);
-      const { desc, unmap } = mapIoDescriptors(cfg.charFd, cfg.devId, cfg.queueId, cfg.depth);
-      try {
-        runQueue(cfg, desc, () => scope.postMessage({ type: "fetching", queueId: cfg.queueId }));
-      } finally {
-        unmap();
-      }
-      scope.postMessage({ type: "exit", queueId: cfg.queueId });
-    } catch (e) {
-      const message = e instanceof Error ? e.message : String(e);
-      scope.postMessage({ type: "error", queueId: cfg.queueId, message });
-    }
-    scope.close();
-  };
 }

@@ -12,7 +12,7 @@
 //! start, end, physical, kind | reason << 8 — so a lookup and the caller's reads of the found
 //! segment touch one cache line (two segments per 64-byte line).
 
-import type { FiemapExtent } from "../ffi/fiemap.ts";
+import { fiemap, type FiemapExtent } from "../ffi/fiemap.ts";
 import { classifyExtent, ExtentKind, ExtentReason } from "./eligibility.ts";
 
 export { ExtentKind, ExtentReason };
@@ -24,6 +24,17 @@ export interface ExtentSource {
    * `maxExtents` is given, the source may stop after that many (the cache then asks again).
    */
   map(offsetBytes: number, lengthBytes: number, maxExtents?: number): FiemapExtent[];
+}
+
+/**
+ * The mapping of the open file `fd`, by FIEMAP. Without FIEMAP_FLAG_SYNC: the server writes only
+ * with O_DIRECT and holds the lease, so nothing of the file is dirty in the page cache, and
+ * delalloc extents are classified via-file anyway.
+ */
+export function fileExtentSource(fd: number, path: string): ExtentSource {
+  return {
+    map: (offset, length, maxExtents) => fiemap(fd, offset, length, { path, maxExtents }),
+  };
 }
 
 export interface ExtentCacheOptions {

@@ -9,7 +9,7 @@
 //! posted by writing the mailbox, then the queue's eventfd (the doorbell: the Worker keeps a read
 //! posted on it, which wakes it); the Worker acknowledges with `Atomics.store` + `notify`.
 
-import { errnoName } from "../ffi/errno.ts";
+import { EIO, ENOSPC, errnoName } from "../ffi/errno.ts";
 import { libc } from "../ffi/libc.ts";
 import {
   UBLK_IO_OP_DISCARD,
@@ -18,6 +18,7 @@ import {
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
 } from "../ffi/ublk_cmd.ts";
+import type { ExtentCacheStats } from "./extent_cache.ts";
 import { fenceRegionBytes } from "./queue_fence.ts";
 
 /** What a queue's Worker is given (posted by lib/device.ts to lib/event_loop.ts). */
@@ -301,6 +302,35 @@ export class QueueShared {
 
   setMode(mode: Mode): void {
     Atomics.store(this.#ctrl, CTRL_MODE, MODES.indexOf(mode));
+  }
+
+  /** A request failed with `errno`: counted, by kind, and kept as the last error. */
+  recordRequestError(
+    errno: number,
+    op: number,
+    offset: number,
+    length: number,
+    path: number,
+  ): void {
+    const c = this.counters;
+    c[Counter.errors]!++;
+    const kind = errno === EIO
+      ? Counter.errorsEio
+      : errno === ENOSPC
+      ? Counter.errorsEnospc
+      : Counter.errorsOther;
+    c[kind]!++;
+    this.recordError(errno, op, offset, length, path);
+  }
+
+  /** The extent cache's statistics, for `stat`: when it asks (MbOp.stats) and at the end. */
+  publishCacheStats(s: ExtentCacheStats): void {
+    const c = this.counters;
+    c[Counter.cacheHits] = s.hits;
+    c[Counter.cacheMisses] = s.misses;
+    c[Counter.fiemapCalls] = s.fiemapCalls;
+    c[Counter.extentsCached] = s.extents;
+    c[Counter.extentCacheBytes] = s.memoryBytes;
   }
 
   /** Keeps the last error for `stat` (numbers only: nothing allocated on the IO path). */

@@ -9,6 +9,7 @@
 //! a usage error (2); a value that does not fit this file (an offset past its end, a region not
 //! made of whole sectors, a sector size below the filesystem device's) is bad input (3).
 
+import { fstat, fstatfs } from "../ffi/libc.ts";
 import { UsageError, UserError } from "./errors.ts";
 
 /** The sector sizes a device may have (`--sector-size`). */
@@ -137,4 +138,58 @@ export function layoutArgs(
   ];
   if (layout.sectorBytes !== undefined) args.push("--sector-size", String(layout.sectorBytes));
   return args;
+}
+
+/**
+ * How far a queue's IO may reach in the file: the device's end, and the file's size as last seen
+ * (at most that end). IO ending past the size fails with EIO instead of re-growing a file someone
+ * else truncated. The size is exact while the lease is held (a truncate breaks it first); without
+ * the lease the engine looks it up again per request (`refresh`), and on taking it back.
+ */
+export class RegionBounds {
+  /** The file offset where the device ends: its region's start + its size. */
+  regionEnd: number;
+  /** The file's size as last seen, at most `regionEnd`. */
+  sizeBytes: number;
+  readonly #fd: number;
+  readonly #path: string;
+  readonly #offsetBytes: number;
+
+  constructor(fd: number, path: string, offsetBytes: number, deviceBytes: number) {
+    this.#fd = fd;
+    this.#path = path;
+    this.#offsetBytes = offsetBytes;
+    this.regionEnd = offsetBytes + deviceBytes;
+    this.sizeBytes = this.regionEnd;
+    this.refresh();
+  }
+
+  /** The device's new size (`fastloop resize`, which grows the file first); `refresh` follows. */
+  setDeviceSize(deviceBytes: number): void {
+    this.regionEnd = this.#offsetBytes + deviceBytes;
+  }
+
+  /** Looks the file's size up again; true when `sizeBytes` changed. */
+  refresh(): boolean {
+    let size: number;
+    try {
+      size = fstat(this.#fd, this.#path).size;
+    } catch {
+      return false; // fstat on an open fd does not fail in practice; keep the last size
+    }
+    const next = Math.min(this.regionEnd, size);
+    if (next === this.sizeBytes) return false;
+    this.sizeBytes = next;
+    return true;
+  }
+}
+
+/** The filesystem block size of the file (at least the device's logical block). */
+export function filesystemBlockBytes(fd: number, path: string, logicalBlockBytes: number): number {
+  try {
+    return Math.max(logicalBlockBytes, fstatfs(fd, path).blockSize);
+  } catch {
+    // Not expected on an open fd; then the page size is the safe assumption for ext4/xfs.
+    return Math.max(logicalBlockBytes, 4096);
+  }
 }

@@ -3,11 +3,14 @@
 //! backend operation. `user_data` names a segment, so a completion finds its record directly;
 //! it is a small integer (no BigInt, no heap number per CQE).
 
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from "../ffi/libc.ts";
 import {
   IO_DESC_NR_SECTORS,
   IO_DESC_OP_FLAGS,
   IO_DESC_SIZE,
   IO_DESC_START_SECTOR,
+  UBLK_IO_F_NOUNMAP,
+  UBLK_IO_OP_WRITE_ZEROES,
 } from "../ffi/ublk_cmd.ts";
 import { ErrorPath } from "./queue_state.ts";
 
@@ -141,6 +144,41 @@ export class Request {
     seg.direct = direct;
     seg.flags = flags;
     return seg;
+  }
+
+  /**
+   * The segments of a DISCARD or WRITE_ZEROES on the file `fd`: the range is punched (or zeroed)
+   * in the file, which keeps its size. Only whole filesystem blocks (`blockBytes`) go to
+   * fallocate: for a partial block, ext4 and xfs zero the rest through the page cache, and that
+   * dirty page, written back later, would overwrite whatever was written directly to the block
+   * meanwhile. So a discard skips its partial blocks (discard is advisory), and write-zeroes
+   * writes zeros there through the file with O_DIRECT: under two blocks at either end.
+   */
+  addPunchSegments(fd: number, blockBytes: number): void {
+    const end = this.offset + this.length;
+    const alignedStart = Math.ceil(this.offset / blockBytes) * blockBytes;
+    const alignedEnd = Math.floor(end / blockBytes) * blockBytes;
+    const whole = alignedStart < alignedEnd;
+    const zeroes = this.op === UBLK_IO_OP_WRITE_ZEROES;
+    if (whole) {
+      const keepBlocks = zeroes && (this.flags & UBLK_IO_F_NOUNMAP) !== 0;
+      const mode = FALLOC_FL_KEEP_SIZE | (keepBlocks ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
+      this.addSegment(
+        SegKind.fallocate,
+        fd,
+        alignedStart,
+        0,
+        alignedEnd - alignedStart,
+        false,
+        mode,
+      );
+    }
+    if (!zeroes) return;
+    // The partial blocks at either end, or the whole range when it holds no whole block.
+    const head = (whole ? alignedStart : end) - this.offset;
+    const tail = whole ? end - alignedEnd : 0;
+    if (head > 0) this.addSegment(SegKind.zeroWrite, fd, this.offset, 0, head, false, 0);
+    if (tail > 0) this.addSegment(SegKind.zeroWrite, fd, alignedEnd, 0, tail, false, 0);
   }
 
   /** Does the request cover any byte of [offset, offset + length)? */

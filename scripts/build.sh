@@ -16,7 +16,7 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 # The queue Worker is loaded by URL at run time, so it must be named to be embedded.
-if "$deno" compile --quiet --allow-all --include lib/event_loop.ts --output "$out" main.ts \
+if "$deno" compile --quiet --allow-all --include lib/device_queues.ts --output "$out" main.ts \
   >"$log" 2>&1; then
   echo "build: wrote $out ($(du -h "$out" | cut -f1))"
   exit 0

@@ -160,7 +160,7 @@ mkdir -p "$ov$deno_dir_vm"
 (
   cd "$root" &&
     shopt -s nullglob &&
-    DENO_DIR="$ov$deno_dir_vm" "$deno_bin" cache --quiet main.ts lib/event_loop.ts \
+    DENO_DIR="$ov$deno_dir_vm" "$deno_bin" cache --quiet main.ts lib/device_queues.ts \
       test/vm/*.ts bench/*.ts &&
     for command in attach detach stat map doctor; do
       DENO_DIR="$ov$deno_dir_vm" "$deno_bin" run --allow-all --no-check --quiet main.ts \
