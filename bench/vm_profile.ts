@@ -24,7 +24,8 @@ const { values: opts } = parseArgs({
     disk: { type: "string", default: "/dev/vda" },
     /**
      * fastloop variants to compare in the same boot, `;`-separated, each a space-separated list
-     * of environment settings for its attach (e.g. "FASTLOOP_SPIN_US=50;DENO_V8_FLAGS=--foo");
+     * of environment settings and `--name=value` attach options (e.g.
+     * "FASTLOOP_SPIN_US=50;--queues=2;DENO_V8_FLAGS=--foo");
      * the default configuration always runs first.
      */
     variants: { type: "string", default: "" },
@@ -74,8 +75,12 @@ interface Contender {
   counters?: () => Promise<{ turns: number; enters: number } | undefined>;
 }
 
-async function fastloopContender(name: string, env: string, size: number): Promise<Contender> {
-  const dev = (await sh(`${env} fastloop attach ${file}`)).trim();
+async function fastloopContender(name: string, variant: string, size: number): Promise<Contender> {
+  // A variant's `--` words are attach options, the rest its environment.
+  const words = variant.split(/\s+/).filter((w) => w);
+  const env = words.filter((w) => !w.startsWith("--")).join(" ");
+  const args = words.filter((w) => w.startsWith("--")).join(" ");
+  const dev = (await sh(`${env} fastloop attach ${args} ${file}`)).trim();
   const record = JSON.parse(Deno.readTextFileSync(`/run/fastloop/${dev.slice(5)}.json`));
   const counters = async () => {
     const [row] = JSON.parse(await sh(`fastloop stat --json ${dev}`, false) || "[{}]");
