@@ -18,6 +18,8 @@ const { values: opts } = parseArgs({
     out: { type: "string", default: "bench-results" },
     "copy-mib": { type: "string", default: "2048" },
     only: { type: "string" },
+    /** `sparse`: only the sparse-file copy (and fastloop's counters during it). */
+    scenario: { type: "string", default: "all" },
   },
 });
 
@@ -228,6 +230,11 @@ async function main() {
 
     const results = new Map<string, Map<string, Sample[]>>();
     const names: string[] = [];
+    if (opts.scenario === "sparse") {
+      const table = await sparseCopyScenario(await fastloopAvailable());
+      console.log(table);
+      return;
+    }
     for (const make of targets) {
       const { target, cleanup } = await make();
       if (opts.only && !target.name.includes(opts.only)) {
@@ -344,12 +351,14 @@ async function sparseCopyScenario(withFastloop: boolean): Promise<string> {
     "|---|---|---|---|---|---|",
   ];
   const chunk = new Uint8Array(1 << 20);
+  const work: string[] = [];
   for (const [name, attach, detach] of contenders) {
     await sh(`rm -f ${sparse} && truncate -s ${2 * copyBytes + (1 << 30)} ${sparse}`);
     const dev = (await attach()).trim();
     try {
       await sh(`mkfs.ext4 -q -F ${dev} && mkdir -p ${inner} && mount ${dev} ${inner}`);
       await dropCaches();
+      const before = name === "fastloop" ? await fastloopWork(dev) : null;
       const f = await Deno.open(`${inner}/copy.bin`, { write: true, create: true });
       const t0 = performance.now();
       let longest = 0;
@@ -381,13 +390,62 @@ async function sparseCopyScenario(withFastloop: boolean): Promise<string> {
           longest.toFixed(0)
         } ms`,
       );
+      if (before !== null) {
+        const after = await fastloopWork(dev);
+        const d = (k: keyof FastloopWork) => after[k] - before[k];
+        const mib = (k: keyof FastloopWork) => (d(k) / 1048576).toFixed(0);
+        work.push(
+          `| ${d("writes")} | ${(d("bytesWritten") / d("writes") / 1024).toFixed(0)} | ${
+            mib("writtenFile")
+          } | ${mib("writtenDirect")} | ${d("flushes")} | ${d("fiemapCalls")} | ${
+            d("cacheMisses")
+          } | ${d("transitions")} |`,
+        );
+      }
     } finally {
       await sh(`umount ${inner}`, false);
       await detach(dev);
       await sh(`rm -f ${sparse}`, false);
     }
   }
+  if (work.length > 0) {
+    lines.push(
+      "",
+      "What fastloop did during its copy (from `fastloop stat --json`, after mkfs and mount):",
+      "",
+      "| writes | KiB per write | MiB through the file | MiB direct | flushes | FIEMAP calls | cache misses | mode switches |",
+      "|---|---|---|---|---|---|---|---|",
+      ...work,
+    );
+  }
   return lines.join("\n") + "\n";
+}
+
+interface FastloopWork {
+  writes: number;
+  bytesWritten: number;
+  writtenFile: number;
+  writtenDirect: number;
+  flushes: number;
+  fiemapCalls: number;
+  cacheMisses: number;
+  transitions: number;
+}
+
+/** fastloop's own counters for a device: what it did, to be compared before and after. */
+async function fastloopWork(dev: string): Promise<FastloopWork> {
+  const [row] = JSON.parse(await sh(`fastloop stat --json ${dev}`));
+  const c = row.counters;
+  return {
+    writes: c.writes,
+    bytesWritten: c.bytesWritten.file + c.bytesWritten.direct,
+    writtenFile: c.bytesWritten.file,
+    writtenDirect: c.bytesWritten.direct,
+    flushes: c.flushes,
+    fiemapCalls: c.fiemapCalls,
+    cacheMisses: c.cacheMisses,
+    transitions: row.transitions ?? 0,
+  };
 }
 
 function render(
