@@ -7,8 +7,10 @@
 //!  - device: fio (io_uring, direct=1) on the loop device, over the longest physically
 //!    contiguous run of the file (what reading the file's blocks can cost at best);
 //!  - file:   fio on the file through ext4, O_DIRECT (the path the kernel's loop --direct-io takes);
-//!  - engine: `QueueEngine` on the queue's own ring (`setupQueueRing`), fed synthetic requests;
-//!  - engine-fixed: the same with its buffers registered (QueueConfig.fixedBuffers).
+//!  - engine: `QueueEngine` on the queue's own ring (`setupQueueRing`), fed synthetic requests,
+//!    with unregistered buffers (copy mode with FASTLOOP_FIXED_BUFFERS=0);
+//!  - engine-fixed: the same with its buffers registered (QueueConfig.fixedBuffers), as copy mode
+//!    runs by default.
 //! Cells run interleaved (every contender once per round) so load changes hit all of them.
 //!
 //! The seam: the engine knows nothing of ublk. It reads a request from a descriptor area (here an

@@ -542,9 +542,10 @@ function zeroCopyWanted(features: bigint): boolean {
 /**
  * The queue engine's switches, read here on the main thread (the Workers read no environment):
  * FASTLOOP_SPIN_US, the longest a queue spins for completions before it sleeps (default
- * `SPIN_US_DEFAULT`, 0: never spin); for benchmarks FASTLOOP_FIXED_BUFFERS=1 registers the tags'
- * buffers (copy mode), FASTLOOP_QUEUE_RING=coop|plain picks a simpler ring, FASTLOOP_QUEUE_CPU=N
- * pins each queue's thread to CPU N.
+ * `SPIN_US_DEFAULT`, 0: never spin); FASTLOOP_FIXED_BUFFERS=0 leaves the copy mode's buffers
+ * unregistered (lib/request_data.ts says what registering costs and buys); for benchmarks
+ * FASTLOOP_QUEUE_RING=coop|plain picks a simpler ring, FASTLOOP_QUEUE_CPU=N pins each queue's
+ * thread to CPU N.
  */
 function benchmarkSwitches(): Pick<
   QueueConfig,
@@ -554,7 +555,7 @@ function benchmarkSwitches(): Pick<
   const cpu = Deno.env.get("FASTLOOP_QUEUE_CPU");
   return {
     queueCpu: cpu === undefined || cpu === "" ? -1 : Number(cpu),
-    fixedBuffers: Deno.env.get("FASTLOOP_FIXED_BUFFERS") === "1",
+    fixedBuffers: Deno.env.get("FASTLOOP_FIXED_BUFFERS") !== "0",
     ringMode: ring === "coop" || ring === "plain" ? ring : "defer",
     spinUs: spinUsOf(Deno.env.get("FASTLOOP_SPIN_US")),
   };

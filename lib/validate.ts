@@ -31,8 +31,8 @@ export const QUEUES_DEFAULT = 1;
 export const DEPTH_DEFAULT = 128;
 
 /**
- * Each queue owns one IO buffer per tag, depth × max IO bytes in all (mmap'd, filled as requests
- * touch it). ublk's default max IO (512 KiB) at depth 4096 would be 2 GiB per queue, so the max
+ * In copy mode each queue owns one IO buffer per tag, depth × max IO bytes in all (mmap'd, and
+ * registered with its ring, which makes it resident: lib/request_data.ts). ublk's default max IO (512 KiB) at depth 4096 would be 2 GiB per queue, so the max
  * IO shrinks as depth grows to keep a queue's buffers within this budget, down to a floor that
  * still lets large IO through in few pieces (the kernel splits larger requests).
  */
