@@ -56,8 +56,9 @@ export class CopyBuffers implements RequestData {
    * One buffer of `bytesPerTag` per tag. `register` (the default; FASTLOOP_FIXED_BUFFERS=0 turns
    * it off): as fixed buffer `tag` each, so the kernel pins the pages once instead of pinning
    * (and, for reads, dirtying) them on every backend IO. Measured: the CPU time per 1 MiB IO
-   * halves on the host (bench/engine_bench.ts), and 1 MiB writes at QD8 in the 6.12 VM went from
-   * 550 to 770 IOPS in one boot (bench/vm_profile.ts). The cost: the whole area is resident and
+   * halves on the host (bench/engine_bench.ts); in the 6.12 VM (bench/vm_profile.ts, 1 MiB at
+   * QD8, registered against not, same boot) writes 596 against 548 IOPS and reads 691 against 627
+   * (an earlier boot: writes 770 against 550). The cost: the whole area is resident and
    * pinned from the start (depth × largest request, 64 MiB per queue at the default depth),
    * where unregistered buffers become resident only as IO touches them (all of it under 1 MiB
    * IO at QD128 anyway). A refused registration (RLIMIT_MEMLOCK without CAP_IPC_LOCK) falls back
