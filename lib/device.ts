@@ -566,7 +566,8 @@ function benchmarkSwitches(): Pick<
  * lib/queue_ring.ts: only while completions keep coming back within it). Measured in the TCG VM
  * at 4k QD1 (bench/vm_profile.ts, 7.3, zero copy, one boot): no spin 916 IOPS (p50 807 µs),
  * 200 µs 1044, 500 µs 1889 (313 µs), 1 ms 2183 (276 µs), against the raw disk's 2835 (226 µs)
- * and ublksrv's 1295 (528 µs). Fast disks on real CPUs complete well within it; slow ones turn the spin off.
+ * and ublksrv's 1295 (528 µs). Fast disks on real CPUs complete well within it; slow ones turn
+ * the spin off.
  */
 export const SPIN_US_DEFAULT = 1000;
 

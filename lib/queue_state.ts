@@ -21,7 +21,7 @@ import {
 import type { ExtentCacheStats } from "./extent_cache.ts";
 import { fenceRegionBytes } from "./queue_fence.ts";
 
-/** What a queue's Worker is given (posted by lib/device.ts to lib/event_loop.ts). */
+/** What a queue's Worker is given (posted by lib/device_queues.ts, served by `runQueue`). */
 export interface QueueConfig {
   devId: number;
   queueId: number;
