@@ -17,7 +17,10 @@ const { values: opts } = parseArgs({
     repeats: { type: "string", default: "3" },
     out: { type: "string", default: "bench-results" },
     "copy-mib": { type: "string", default: "2048" },
+    /** Comma-separated substrings: only the contenders whose name contains one of them. */
     only: { type: "string" },
+    /** Comma-separated substrings: only the cells whose name contains one of them. */
+    cells: { type: "string" },
     /** `sparse`: only the sparse-file copy (and fastloop's counters during it). */
     scenario: { type: "string", default: "all" },
   },
@@ -36,13 +39,19 @@ interface Cell {
   bs: string;
   iodepth: number;
 }
-const CELLS: Cell[] = [
+const ALL_CELLS: Cell[] = [
   { name: "4k randread QD1", rw: "randread", bs: "4k", iodepth: 1 },
   { name: "4k randread QD32", rw: "randread", bs: "4k", iodepth: 32 },
   { name: "1M read QD8", rw: "read", bs: "1M", iodepth: 8 },
   { name: "4k randwrite QD32", rw: "randwrite", bs: "4k", iodepth: 32 },
   { name: "1M write QD8", rw: "write", bs: "1M", iodepth: 8 },
 ];
+const CELLS = ALL_CELLS.filter((c) => matchesAny(c.name, opts.cells));
+
+/** Does `name` contain one of the comma-separated substrings of `list` (no list: yes)? */
+function matchesAny(name: string, list: string | undefined): boolean {
+  return list === undefined || list.split(",").some((part) => name.includes(part.trim()));
+}
 
 interface Sample {
   iops: number;
@@ -142,16 +151,20 @@ async function waitForNode(path: string): Promise<void> {
   throw new Error(`${path} did not appear`);
 }
 
-/** Does this kernel offer ublk zero copy (UBLK_F_AUTO_BUF_REG, bit 11 of GET_FEATURES)? */
-async function zeroCopyOffered(): Promise<boolean> {
+/** Does this kernel's ublk offer feature bit `bit` of GET_FEATURES (from `fastloop doctor`)? */
+async function ublkFeatureOffered(bit: bigint): Promise<boolean> {
   const out = await sh("fastloop doctor --json", false);
   try {
     const features = JSON.parse(out).ublk.features as string | null;
-    return features !== null && (BigInt(features) & (1n << 11n)) !== 0n;
+    return features !== null && (BigInt(features) & (1n << bit)) !== 0n;
   } catch {
     return false;
   }
 }
+/** Zero copy: UBLK_F_AUTO_BUF_REG (6.16+). */
+const zeroCopyOffered = () => ublkFeatureOffered(11n);
+/** UBLK_F_BATCH_IO (7.0+): multishot fetch and batched commits. */
+const batchIoOffered = () => ublkFeatureOffered(15n);
 
 async function fastloopAvailable(): Promise<boolean> {
   const r = await new Deno.Command("fastloop", { args: ["doctor"], stdout: "null", stderr: "null" })
@@ -209,15 +222,22 @@ async function main() {
     }
     // ublksrv, the C reference server, when one was built outside the project and handed in
     // (scripts/vm.sh --with DIR): its loop target, and with zero copy where the kernel has it.
+    // Where the kernel has UBLK_F_BATCH_IO, also with batched fetch and commit (`-b`).
     if ((await sh("command -v ublk", false)).trim() !== "") {
-      for (const zc of zeroCopy ? [false, true] : [false]) {
+      const variants: Array<[string, string]> = [["", ""]];
+      if (zeroCopy) variants.push([" (zero copy)", "-z"]);
+      if (await batchIoOffered()) {
+        variants.push([" (batch IO)", "-b"]);
+        if (zeroCopy) variants.push([" (zero copy, batch IO)", "-z -b"]);
+      }
+      for (const [label, flags] of variants) {
         targets.push(async () => {
-          await sh(`ublk add -t loop -f ${backingFile} -n ${PEER_ID} ${zc ? "-z" : ""}`);
+          await sh(`ublk add -t loop -f ${backingFile} -n ${PEER_ID} ${flags}`);
           const dev = `/dev/ublkb${PEER_ID}`;
           await waitForNode(dev);
           return {
             target: {
-              name: `ublksrv loop${zc ? " (zero copy)" : ""}`,
+              name: `ublksrv loop${label}`,
               device: dev,
               offset: 0,
               size: region,
@@ -237,7 +257,7 @@ async function main() {
     }
     for (const make of targets) {
       const { target, cleanup } = await make();
-      if (opts.only && !target.name.includes(opts.only)) {
+      if (!matchesAny(target.name, opts.only)) {
         await cleanup();
         continue;
       }
@@ -256,7 +276,7 @@ async function main() {
       }
     }
     let table = render(kernel, region, names, results);
-    if (!opts.only) {
+    if (!opts.only && !opts.cells) {
       table += "\n" + await sparseCopyScenario(names.some((n) => n.startsWith("fastloop")));
       table += "\n" + await memoryScenario(zeroCopy, region);
     }
