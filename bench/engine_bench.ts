@@ -222,6 +222,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     fixedBuffers,
     ringMode: "defer",
     spinUs: 0,
+    spinMaxInService: 0,
     queueCpu: -1,
     sab: createSharedState(1),
   };

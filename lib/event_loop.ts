@@ -597,9 +597,9 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     ring.submit();
     shared.setState(QueueState.fetching);
     onFetching();
-    const wait = new QueueWait(ring, cfg.spinUs);
+    const wait = new QueueWait(ring, cfg.spinUs, cfg.spinMaxInService);
     for (;;) {
-      wait.submitAndWait();
+      wait.submitAndWait(c[Counter.inflight]!);
       ring.reapCqes(onCqe);
       engine.afterTurn();
       c[Counter.turns]!++;

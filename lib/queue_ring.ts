@@ -36,22 +36,26 @@ export function setupQueueRing(depth: number, mode: QueueConfig["ringMode"] = "d
  * when `spinUs` > 0, for latency: waking a sleeping thread costs a scheduler round trip (under a
  * VM an IPI between vCPUs), often more than the wait itself at low queue depth. It spins only
  * while work keeps coming back within `spinUs`: a spin that finds nothing turns it off, and a
- * sleep that ends within `spinUs` turns it back on, so an idle queue sleeps.
+ * sleep that ends within `spinUs` turns it back on, so an idle queue sleeps. With more than
+ * `maxInService` requests in service it sleeps at once: a sleep then collects several completions.
  */
 export class QueueWait {
   readonly #ring: IoUring;
   readonly #maxMs: number;
+  readonly #maxInService: number;
   #budgetMs: number;
 
-  constructor(ring: IoUring, spinUs: number) {
+  constructor(ring: IoUring, spinUs: number, maxInService: number) {
     this.#ring = ring;
     this.#maxMs = spinUs / 1000;
+    this.#maxInService = maxInService;
     this.#budgetMs = this.#maxMs;
   }
 
-  submitAndWait(): void {
+  /** `inService`: the queue's requests fetched and not yet committed. */
+  submitAndWait(inService: number): void {
     const ring = this.#ring;
-    if (ring.cqReady() === 0) {
+    if (ring.cqReady() === 0 && inService <= this.#maxInService) {
       if (this.#budgetMs > 0) {
         // What this turn prepared goes out first, then a short spin for what comes back.
         ring.submit();

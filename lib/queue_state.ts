@@ -62,6 +62,8 @@ export interface QueueConfig {
   ringMode: "defer" | "coop" | "plain";
   /** Spin this long at most for completions before sleeping (0: sleep at once). */
   spinUs: number;
+  /** Spin only while at most this many requests are in service (`QueueWait`). */
+  spinMaxInService: number;
   /** The CPU the queue's thread runs on (-1: wherever the scheduler puts it). */
   queueCpu: number;
   /**

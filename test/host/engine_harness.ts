@@ -76,6 +76,7 @@ export class Harness {
       fixedBuffers: opts.fixedBuffers ?? false,
       ringMode: "defer",
       spinUs: 0,
+      spinMaxInService: 0,
       queueCpu: -1,
       sab: opts.sab ?? createSharedState(1),
     };

@@ -4,6 +4,8 @@
 // raw bytes of a kernel loop device under a freshly made ext4 (for fsync, fdatasync, RWF_DSYNC).
 
 import assert from "node:assert/strict";
+import process from "node:process";
+import { QueueWait, setupQueueRing } from "../../lib/queue_ring.ts";
 import {
   errnoOfCqe,
   IORING_FEAT_NODROP,
@@ -793,6 +795,47 @@ Deno.test(
       }
     },
   ),
+);
+
+Deno.test(
+  "QueueWait spins for a completion only while few requests are in service, and sleeps above that",
+  async () => {
+    const ring = setupQueueRing(8);
+    const efd = eventfd(0, EFD_CLOEXEC);
+    const buf = new AlignedBuffer(4096);
+    const shared = new Float64Array(new SharedArrayBuffer(16));
+    const written = new Int32Array(new SharedArrayBuffer(4));
+    const worker = await eventfdWriter(efd);
+    // A spin of up to 5 s, but only with at most 4 requests in service.
+    const wait = new QueueWait(ring, 5_000_000, 4);
+    /** CPU ms this process used while waiting for an eventfd write `delayMs` away. */
+    const cpuMsOfWait = (inService: number, seq: number, delayMs: number) => {
+      ring.prepReadEventfd(ring.sqe(), efd, buf.address, seq);
+      const cpu0 = process.cpuUsage();
+      const t0 = performance.now();
+      worker.postMessage({ shared, written, seq, delayMs });
+      wait.submitAndWait(inService);
+      while (ring.cqReady() === 0) wait.submitAndWait(inService);
+      const waitedMs = performance.now() - t0;
+      const cpu = process.cpuUsage(cpu0);
+      const got: number[] = [];
+      ring.reapCqes((u) => got.push(u));
+      assert.deepEqual(got, [seq]);
+      assert.ok(waitedMs >= delayMs * 0.8, `waited ${waitedMs} ms for a ${delayMs} ms write`);
+      return (cpu.user + cpu.system) / 1000;
+    };
+    try {
+      const slept = cpuMsOfWait(5, 1, 400);
+      assert.ok(slept < 200, `5 in service: slept, but used ${slept} ms of CPU in a 400 ms wait`);
+      const spun = cpuMsOfWait(4, 2, 400);
+      assert.ok(spun >= 250, `4 in service: spun, but used only ${spun} ms of CPU in 400 ms`);
+    } finally {
+      worker.terminate();
+      buf.free();
+      close(efd);
+      ring.close();
+    }
+  },
 );
 
 Deno.test(
