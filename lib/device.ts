@@ -543,8 +543,9 @@ function zeroCopyWanted(features: bigint): boolean {
  * The queue engine's switches, read here on the main thread (the Workers read no environment):
  * FASTLOOP_SPIN_US, the longest a queue spins for completions before it sleeps (default
  * `SPIN_US_DEFAULT`, 0: never spin), and FASTLOOP_SPIN_MAX_IN_SERVICE, above how many requests in
- * service it sleeps at once (default `SPIN_MAX_IN_SERVICE_DEFAULT`); FASTLOOP_FIXED_BUFFERS=0 leaves the copy mode's buffers
- * unregistered (lib/request_data.ts says what registering costs and buys); for benchmarks
+ * service it sleeps at once (default `SPIN_MAX_IN_SERVICE_DEFAULT`); FASTLOOP_FIXED_BUFFERS=0
+ * leaves the copy mode's buffers unregistered (lib/request_data.ts says what registering costs
+ * and buys); for benchmarks
  * FASTLOOP_QUEUE_RING=coop|plain picks a simpler ring, FASTLOOP_QUEUE_CPU=N pins each queue's
  * thread to CPU N.
  */
