@@ -197,18 +197,43 @@ export function writeJsonAtomically(path: string, value: unknown): void {
 }
 
 /**
- * Removes a device's record, socket and supervisor status; missing files are fine (cleanup is
- * idempotent).
+ * Removes a device's record, socket and supervisor status, and the half-written copies that a
+ * writer killed between write and rename left; missing files are fine (cleanup is idempotent).
  */
 export function removeRecord(id: number): void {
   for (const path of [recordPath(id), socketPath(id), supervisorStatusPath(id)]) {
     removeIfThere(path);
+  }
+  removeOrphanedTemporaries(id);
+}
+
+/**
+ * Removes `ublkb{id}.*.tmp-PID` files (from `writeJsonAtomically`) whose writer is gone: a server
+ * or supervisor killed by SIGKILL between the write and the rename. A live writer's file stays, so
+ * its rename cannot fail.
+ */
+function removeOrphanedTemporaries(id: number): void {
+  let names: Deno.DirEntry[];
+  try {
+    names = [...Deno.readDirSync(runDir())];
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw e;
+  }
+  const prefix = `ublkb${id}.`;
+  for (const entry of names) {
+    const m = /\.tmp-([0-9]+)$/.exec(entry.name);
+    if (!m || !entry.isFile || !entry.name.startsWith(prefix)) continue;
+    const writer = Number(m[1]);
+    if (writer !== Deno.pid && processStartTicks(writer) !== null) continue;
+    removeIfThere(`${runDir()}/${entry.name}`);
   }
 }
 
 /** Removes a supervisor's status alone (its device was detached: the server removed the rest). */
 export function removeSupervisorStatus(id: number): void {
   removeIfThere(supervisorStatusPath(id));
+  removeOrphanedTemporaries(id);
 }
 
 function removeIfThere(path: string): void {

@@ -1,8 +1,15 @@
-// Log pruning in the state directory: the newest logs of gone devices stay, and so does every log
-// a device record still names, however old.
+// The state directory's cleanup. Log pruning: the newest logs of gone devices stay, and so does
+// every log a device record still names, however old. Removing a record also removes the
+// half-written copies that writers killed between write and rename left, and only those.
 
 import assert from "node:assert/strict";
-import { type DeviceRecord, logDir, pruneLogs, writeRecord } from "../../lib/registry.ts";
+import {
+  type DeviceRecord,
+  logDir,
+  pruneLogs,
+  removeRecord,
+  writeRecord,
+} from "../../lib/registry.ts";
 
 Deno.test("pruneLogs keeps the newest logs and every log a record names, and deletes the rest", () => {
   const dir = Deno.makeTempDirSync({ prefix: "fastloop-run-" });
@@ -44,6 +51,44 @@ Deno.test("pruneLogs keeps the newest logs and every log a record names, and del
       "notes.txt",
     ]);
     assert.equal(pruneLogs(4), 0, "nothing more to prune");
+  } finally {
+    if (saved === undefined) Deno.env.delete("FASTLOOP_RUN_DIR");
+    else Deno.env.set("FASTLOOP_RUN_DIR", saved);
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("removeRecord removes the device's files and its dead writers' temporaries, and nothing else", async () => {
+  const dir = Deno.makeTempDirSync({ prefix: "fastloop-run-" });
+  const saved = Deno.env.get("FASTLOOP_RUN_DIR");
+  Deno.env.set("FASTLOOP_RUN_DIR", dir);
+  try {
+    // A writer that is gone: a process that ran and exited (its pid is not reused this soon).
+    const gone = new Deno.Command("true").spawn();
+    await gone.status;
+    const dead = gone.pid;
+    const names = [
+      "ublkb3.json",
+      "ublkb3.sock",
+      "ublkb3.supervisor.json",
+      `ublkb3.json.tmp-${dead}`,
+      `ublkb3.supervisor.json.tmp-${dead}`,
+      `ublkb3.takeover.json.tmp-${dead}`,
+      // pid 1 is alive: its rename is still to come.
+      "ublkb3.supervisor.json.tmp-1",
+      // Another device's files, whose ids share a prefix.
+      `ublkb30.json.tmp-${dead}`,
+      "ublkb30.json",
+    ];
+    for (const name of names) Deno.writeTextFileSync(`${dir}/${name}`, "{}\n");
+
+    removeRecord(3);
+    const left = [...Deno.readDirSync(dir)].map((e) => e.name).sort();
+    assert.deepEqual(left, [
+      "ublkb3.supervisor.json.tmp-1",
+      "ublkb30.json",
+      `ublkb30.json.tmp-${dead}`,
+    ]);
   } finally {
     if (saved === undefined) Deno.env.delete("FASTLOOP_RUN_DIR");
     else Deno.env.set("FASTLOOP_RUN_DIR", saved);

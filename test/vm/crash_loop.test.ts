@@ -17,6 +17,7 @@ import {
   fastloop,
   ok,
   recordOf,
+  registryFiles,
   running,
   serverProcesses,
   uptime,
@@ -155,6 +156,7 @@ Deno.test(`servers that die before they are ready (the file is gone) ${DEATHS} t
     await assertNoIoErrors(dev, from);
     await detach(dev);
     await ok("cmp", ["-n", String(16 * MIB), file, `${tmp}/ref`]);
+    assert.deepEqual(registryFiles(), [], "no record, half-written record or socket left");
   });
 });
 
@@ -232,5 +234,7 @@ Deno.test("a request that kills every server that serves it: IO waits, stat show
     await ok("cmp", ["-n", String(8 * MIB), file, `${tmp}/ref`]);
     await ok("cmp", ["-i", `${40 * MIB}:0`, "-n", String(MIB), file, `${tmp}/ref2`]);
     assert.deepEqual(serverProcesses(), [], "no server or supervisor left");
+    // A server the poison killed while it wrote its record left a half-written copy.
+    assert.deepEqual(registryFiles(), [], "no record, half-written record or socket left");
   });
 });
