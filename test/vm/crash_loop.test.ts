@@ -234,7 +234,8 @@ Deno.test("a request that kills every server that serves it: IO waits, stat show
     await ok("cmp", ["-n", String(8 * MIB), file, `${tmp}/ref`]);
     await ok("cmp", ["-i", `${40 * MIB}:0`, "-n", String(MIB), file, `${tmp}/ref2`]);
     assert.deepEqual(serverProcesses(), [], "no server or supervisor left");
-    // A server the poison killed while it wrote its record left a half-written copy.
+    // A server the poison kills while it writes its record leaves a half-written copy: detach
+    // removes that too.
     assert.deepEqual(registryFiles(), [], "no record, half-written record or socket left");
   });
 });
