@@ -213,24 +213,20 @@ export function removeRecord(id: number): void {
  * its rename cannot fail.
  */
 function removeOrphanedTemporaries(id: number): void {
-  let names: Deno.DirEntry[];
-  try {
-    names = [...Deno.readDirSync(runDir())];
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return;
-    throw e;
-  }
-  const prefix = `ublkb${id}.`;
-  for (const entry of names) {
-    const m = /\.tmp-([0-9]+)$/.exec(entry.name);
-    if (!m || !entry.isFile || !entry.name.startsWith(prefix)) continue;
+  const temporary = new RegExp(`^ublkb${id}\\..*\\.tmp-([0-9]+)$`);
+  for (const entry of runDirEntries()) {
+    const m = temporary.exec(entry.name);
+    if (!m || !entry.isFile) continue;
     const writer = Number(m[1]);
     if (writer !== Deno.pid && processStartTicks(writer) !== null) continue;
     removeIfThere(`${runDir()}/${entry.name}`);
   }
 }
 
-/** Removes a supervisor's status alone (its device was detached: the server removed the rest). */
+/**
+ * Removes a supervisor's status alone, and its dead writers' half-written copies (its device was
+ * detached: the server removed the rest).
+ */
 export function removeSupervisorStatus(id: number): void {
   removeIfThere(supervisorStatusPath(id));
   removeOrphanedTemporaries(id);
@@ -268,17 +264,20 @@ export function readRecord(id: number): DeviceRecord | null {
   }
 }
 
-/** Every record, sorted by device id, each with whether its server is alive. */
-export function listRecords(): RegistryEntry[] {
-  const entries: RegistryEntry[] = [];
-  let names: Deno.DirEntry[];
+/** The state directory's entries; none before the first attach created it. */
+function runDirEntries(): Deno.DirEntry[] {
   try {
-    names = [...Deno.readDirSync(runDir())];
+    return [...Deno.readDirSync(runDir())];
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) return [];
     throw e;
   }
-  for (const entry of names) {
+}
+
+/** Every record, sorted by device id, each with whether its server is alive. */
+export function listRecords(): RegistryEntry[] {
+  const entries: RegistryEntry[] = [];
+  for (const entry of runDirEntries()) {
     const m = /^ublkb([0-9]+)\.json$/.exec(entry.name);
     if (!m || !entry.isFile) continue;
     const record = readRecord(Number(m[1]));
