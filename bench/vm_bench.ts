@@ -32,6 +32,10 @@ const disk = opts.disk!;
 const fileBytes = Number(opts["file-mib"]) * 1024 * 1024;
 const runtimeSec = Number(opts.runtime);
 const warmupSec = Number(opts.warmup);
+if (!(warmupSec >= 0)) {
+  console.error(`bench: --warmup wants seconds (0 or more), not '${opts.warmup}'`);
+  Deno.exit(2);
+}
 const repeats = Number(opts.repeats);
 const mnt = "/mnt/bench";
 const backingFile = `${mnt}/backing.img`;
@@ -100,19 +104,26 @@ interface Target {
   size: number;
 }
 
+/** fio's options for direct IO on a contender's region, shared by the cells and the warm-up. */
+function fioOnRegion(target: Target): string {
+  return [
+    "--ioengine=io_uring --direct=1 --randrepeat=0 --norandommap",
+    `--filename=${target.device} --offset=${target.offset} --size=${target.size}`,
+    // The raw contender writes the region under the file while ext4 is mounted: fio refuses
+    // that unless told. Only the file's own blocks are written (the file is scratch data).
+    "--allow_mounted_write=1",
+  ].join(" ");
+}
+
 async function runCell(target: Target, cell: Cell): Promise<Sample> {
   await dropCaches();
   const cpu0 = await busyJiffies();
   const cache0 = await cachedKiB();
   const json = await sh(
     [
-      "fio --output-format=json --name=cell --ioengine=io_uring --direct=1",
-      `--filename=${target.device} --offset=${target.offset} --size=${target.size}`,
+      `fio --output-format=json --name=cell ${fioOnRegion(target)}`,
       `--rw=${cell.rw} --bs=${cell.bs} --iodepth=${cell.iodepth} --numjobs=1`,
-      `--time_based --runtime=${runtimeSec} --ramp_time=1 --randrepeat=0 --norandommap`,
-      // The raw contender writes the region under the file while ext4 is mounted: fio refuses
-      // that unless told. Only the file's own blocks are written (the file is scratch data).
-      "--allow_mounted_write=1",
+      `--time_based --runtime=${runtimeSec} --ramp_time=1`,
     ].join(" "),
   );
   const cpu1 = await busyJiffies();
@@ -149,12 +160,8 @@ async function warmUp(target: Target): Promise<void> {
   ];
   for (const [rw, bs, iodepth, seconds] of jobs) {
     await sh(
-      [
-        "fio --name=warm --ioengine=io_uring --direct=1 --output=/dev/null",
-        `--filename=${target.device} --offset=${target.offset} --size=${target.size}`,
+      `fio --name=warm --output=/dev/null ${fioOnRegion(target)} ` +
         `--rw=${rw} --bs=${bs} --iodepth=${iodepth} --time_based --runtime=${seconds}`,
-        "--randrepeat=0 --norandommap --allow_mounted_write=1",
-      ].join(" "),
     );
   }
 }
