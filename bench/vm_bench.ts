@@ -23,7 +23,10 @@ const { values: opts } = parseArgs({
     only: { type: "string" },
     /** Comma-separated substrings: only the cells whose name contains one of them. */
     cells: { type: "string" },
-    /** `sparse`: only the sparse-file copy (and fastloop's counters during it). */
+    /**
+     * `sparse`: only the sparse-file copy (and fastloop's counters during it); `memory`: only the
+     * server's memory, idle and under load.
+     */
     scenario: { type: "string", default: "all" },
   },
 });
@@ -34,6 +37,10 @@ const runtimeSec = Number(opts.runtime);
 const warmupSec = Number(opts.warmup);
 if (!(warmupSec >= 0)) {
   console.error(`bench: --warmup wants seconds (0 or more), not '${opts.warmup}'`);
+  Deno.exit(2);
+}
+if (!["all", "sparse", "memory"].includes(opts.scenario!)) {
+  console.error(`bench: --scenario wants all, sparse or memory, not '${opts.scenario}'`);
   Deno.exit(2);
 }
 const repeats = Number(opts.repeats);
@@ -288,6 +295,10 @@ async function main() {
     if (opts.scenario === "sparse") {
       const table = await sparseCopyScenario(await fastloopAvailable());
       console.log(table);
+      return;
+    }
+    if (opts.scenario === "memory") {
+      console.log(await memoryScenario(zeroCopy, region));
       return;
     }
     for (const make of targets) {
