@@ -98,6 +98,19 @@ async function fastloopContender(name: string, variant: string, size: number): P
   };
 }
 
+/** The kernel's loop device with direct IO over the file: the in-kernel peer. */
+async function loopContender(size: number): Promise<Contender> {
+  const dev = (await sh(`losetup --direct-io=on -f --show ${file}`)).trim();
+  return {
+    name: "loop direct-io",
+    device: dev,
+    offset: 0,
+    size,
+    pids: {},
+    cleanup: async () => void await sh(`losetup -d ${dev}`),
+  };
+}
+
 async function main() {
   const disk = opts.disk!;
   const fileBytes = Number(opts["file-mib"]) * 1048576;
@@ -122,6 +135,7 @@ async function main() {
           pids: {},
           cleanup: () => Promise.resolve(),
         }),
+      () => loopContender(size),
       () => fastloopContender(`fastloop (${zc ? "zero copy" : "copy"})`, "", size),
     ];
     if (zc) makers.push(() => fastloopContender("fastloop (copy)", "FASTLOOP_ZERO_COPY=0", size));
