@@ -31,6 +31,7 @@ export const ENODATA = 61;
 export const EOVERFLOW = 75;
 export const EOPNOTSUPP = 95;
 export const EADDRINUSE = 98;
+export const ENOBUFS = 105;
 export const ECONNREFUSED = 111;
 export const ETIMEDOUT = 110;
 export const EALREADY = 114;
@@ -83,6 +84,7 @@ const ERRNO_TABLE: Record<number, readonly [string, string]> = {
   [EOPNOTSUPP]: ["EOPNOTSUPP", "Operation not supported"],
   [EADDRINUSE]: ["EADDRINUSE", "Address already in use"],
   104: ["ECONNRESET", "Connection reset by peer"],
+  [ENOBUFS]: ["ENOBUFS", "No buffer space available"],
   [ETIMEDOUT]: ["ETIMEDOUT", "Connection timed out"],
   [ECONNREFUSED]: ["ECONNREFUSED", "Connection refused"],
   [EALREADY]: ["EALREADY", "Operation already in progress"],

@@ -98,6 +98,8 @@ export const IOSQE_CQE_SKIP_SUCCESS = 1 << 6;
 export const IORING_FSYNC_DATASYNC = 1 << 0;
 /** sqe->uring_cmd_flags: the command uses a registered buffer (sqe->buf_index). */
 export const IORING_URING_CMD_FIXED = 1 << 0;
+/** sqe->uring_cmd_flags: a multishot command, one CQE per event, each in a selected buffer (6.18+). */
+export const IORING_URING_CMD_MULTISHOT = 1 << 1;
 /** POLL_ADD flags, stored in sqe->len. */
 export const IORING_POLL_ADD_MULTI = 1 << 0;
 /** ASYNC_CANCEL flags (sqe->cancel_flags). */
@@ -120,6 +122,10 @@ export const IORING_CQE_F_BUFFER = 1 << 0;
 export const IORING_CQE_F_MORE = 1 << 1;
 export const IORING_CQE_F_SOCK_NONEMPTY = 1 << 2;
 export const IORING_CQE_F_NOTIF = 1 << 3;
+/** The selected buffer (IOU_PBUF_RING_INC) has room left: it stays in its ring for the next CQE. */
+export const IORING_CQE_F_BUF_MORE = 1 << 4;
+/** cqe->flags >> IORING_CQE_BUFFER_SHIFT: the id of the selected buffer (with F_BUFFER). */
+export const IORING_CQE_BUFFER_SHIFT = 16;
 
 // ---- mmap offsets ----
 export const IORING_OFF_SQ_RING = 0;
@@ -164,6 +170,10 @@ export const IORING_REGISTER_FILES_UPDATE = 6;
 export const IORING_REGISTER_EVENTFD_ASYNC = 7;
 export const IORING_REGISTER_PROBE = 8;
 export const IORING_REGISTER_BUFFERS2 = 15;
+export const IORING_REGISTER_PBUF_RING = 22;
+export const IORING_UNREGISTER_PBUF_RING = 23;
+/** io_uring_buf_reg.flags: buffers are consumed in pieces, not whole per CQE (6.12+). */
+export const IOU_PBUF_RING_INC = 2;
 /** io_uring_rsrc_register.flags: a table of `nr` empty slots (filled later, e.g. by ublk). */
 export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 export const IO_URING_OP_SUPPORTED = 1 << 0;
@@ -234,6 +244,21 @@ export const RSRC_REGISTER_FLAGS = 4; // __u32 flags
 export const RSRC_REGISTER_DATA = 16; // __aligned_u64 data
 export const RSRC_REGISTER_TAGS = 24; // __aligned_u64 tags
 export const RSRC_REGISTER_SIZE = 32; // sizeof(struct io_uring_rsrc_register)
+
+// ---- struct io_uring_buf_reg (for IORING_REGISTER_PBUF_RING, 40 bytes) ----
+export const BUF_REG_RING_ADDR = 0; // __u64 ring_addr (page-aligned)
+export const BUF_REG_RING_ENTRIES = 8; // __u32 ring_entries (a power of two)
+export const BUF_REG_BGID = 12; // __u16 bgid
+export const BUF_REG_FLAGS = 14; // __u16 flags (IOU_PBUF_RING_*)
+export const BUF_REG_SIZE = 40; // sizeof(struct io_uring_buf_reg)
+
+// ---- struct io_uring_buf (16 bytes): one slot of a provided-buffer ring ----
+export const BUF_ADDR = 0; // __u64 addr
+export const BUF_LEN = 8; // __u32 len
+export const BUF_BID = 12; // __u16 bid
+export const BUF_SIZE = 16; // sizeof(struct io_uring_buf)
+/** struct io_uring_buf_ring: the ring's tail (__u16) overlays slot 0's resv field. */
+export const BUF_RING_TAIL = 14;
 
 // ---- struct iovec (for IORING_REGISTER_BUFFERS) ----
 const IOVEC_BASE = 0; // void *iov_base
@@ -689,6 +714,22 @@ export class IoUring {
     this.#setU64(sqe + SQE_ADDR, addr);
   }
 
+  /**
+   * Lets a prepared SQE (addr 0) take its buffer from provided-buffer group `bgid`
+   * (`ProvidedBufferRing`): IOSQE_BUFFER_SELECT and sqe->buf_group.
+   */
+  selectBuffer(sqe: number, bgid: number): void {
+    const v = this.sqeView;
+    v.setUint8(sqe + SQE_FLAGS, v.getUint8(sqe + SQE_FLAGS) | IOSQE_BUFFER_SELECT);
+    v.setUint16(sqe + SQE_BUF_INDEX, bgid, true);
+  }
+
+  /** Makes a prepared uring_cmd multishot, each CQE in a buffer of group `bgid`. */
+  useMultishotBuffers(sqe: number, bgid: number): void {
+    this.selectBuffer(sqe, bgid);
+    this.sqeView.setUint32(sqe + SQE_OP_FLAGS, IORING_URING_CMD_MULTISHOT, true);
+  }
+
   /** Sets sqe->flags (IOSQE_FIXED_FILE, IOSQE_IO_LINK, …) on a prepared SQE. */
   setSqeFlags(sqe: number, flags: number): void {
     this.sqeView.setUint8(sqe + SQE_FLAGS, flags);
@@ -881,6 +922,24 @@ export class IoUring {
     }
   }
 
+  /**
+   * Registers `ringMemory` (page-aligned, `entries` × BUF_SIZE bytes, kept by the caller until the
+   * io_uring closes, which unregisters it) as the provided-buffer ring of group `bgid`.
+   */
+  registerBufRing(ringMemory: NativeRegion, entries: number, bgid: number, flags: number): void {
+    const arg = new AlignedBuffer(BUF_REG_SIZE);
+    try {
+      const v = new DataView(arg.bytes.buffer);
+      v.setBigUint64(BUF_REG_RING_ADDR, ringMemory.address, true);
+      v.setUint32(BUF_REG_RING_ENTRIES, entries, true);
+      v.setUint16(BUF_REG_BGID, bgid, true);
+      v.setUint16(BUF_REG_FLAGS, flags, true);
+      this.#register(IORING_REGISTER_PBUF_RING, arg.address, 1, `REGISTER_PBUF_RING ${bgid}`);
+    } finally {
+      arg.free();
+    }
+  }
+
   /** Registers native regions as fixed buffers 0…n-1 (pinned by the kernel until unregistered). */
   registerBuffers(buffers: readonly NativeRegion[]): void {
     const buf = new AlignedBuffer(Math.max(IOVEC_SIZE, buffers.length * IOVEC_SIZE));
@@ -911,5 +970,52 @@ export class IoUring {
 
   #throwClosed(what: string): never {
     throw new SyscallError(what, EBADF, `ring fd ${this.fd} (closed)`);
+  }
+}
+
+/**
+ * A provided-buffer ring (IORING_REGISTER_PBUF_RING): buffers the kernel picks from for requests
+ * of group `bgid` that select one (a multishot uring_cmd, see `IoUring.useMultishotBuffers`);
+ * each CQE names the buffer it filled (IORING_CQE_F_BUFFER, id in flags >> 16). The caller
+ * hands a buffer (back) with `add` once it has read what the kernel wrote.
+ */
+export class ProvidedBufferRing {
+  readonly bgid: number;
+  readonly #memory: AlignedBuffer;
+  readonly #view: DataView;
+  readonly #tail: Uint16Array;
+  readonly #mask: number;
+  #next = 0;
+
+  constructor(ring: IoUring, bgid: number, entries: number, flags: number) {
+    this.bgid = bgid;
+    this.#memory = new AlignedBuffer(entries * BUF_SIZE);
+    this.#view = new DataView(this.#memory.bytes.buffer);
+    this.#tail = new Uint16Array(this.#memory.bytes.buffer, BUF_RING_TAIL, 1);
+    this.#mask = entries - 1;
+    try {
+      ring.registerBufRing(this.#memory, entries, bgid, flags);
+    } catch (e) {
+      this.#memory.free();
+      throw e;
+    }
+  }
+
+  /** Offers `lengthBytes` at native address `addr` as buffer `bid`. */
+  add(addr: number, lengthBytes: number, bid: number): void {
+    const slot = (this.#next & this.#mask) * BUF_SIZE;
+    const v = this.#view;
+    v.setUint32(slot + BUF_ADDR, addr % TWO_POW_32, true);
+    v.setUint32(slot + BUF_ADDR + 4, Math.floor(addr / TWO_POW_32), true);
+    v.setUint32(slot + BUF_LEN, lengthBytes, true);
+    v.setUint16(slot + BUF_BID, bid, true);
+    this.#next = (this.#next + 1) & 0xffff;
+    // The kernel must see the slot before the tail that covers it: release store.
+    Atomics.store(this.#tail, 0, this.#next);
+  }
+
+  /** Frees the ring's memory: only once its io_uring is closed. */
+  free(): void {
+    this.#memory.free();
   }
 }

@@ -125,6 +125,60 @@ export const UBLK_U_IO_NEED_GET_DATA = iowr(UBLK_IO_NEED_GET_DATA, IO_CMD_SIZE);
 export const UBLK_U_IO_REGISTER_IO_BUF = iowr(0x23, IO_CMD_SIZE);
 export const UBLK_U_IO_UNREGISTER_IO_BUF = iowr(0x24, IO_CMD_SIZE);
 
+// --- batched IO commands (UBLK_F_BATCH_IO, 7.0+) ----------------------------------------------
+// PREP_IO_CMDS readies tags (instead of one FETCH_REQ each), COMMIT_IO_CMDS gives back finished
+// requests and readies their tags again, and the multishot FETCH_IO_CMDS delivers the tags of
+// new requests into a provided buffer, as u16s, many per CQE. PREP and COMMIT carry an array of
+// elements at sqe->addr; the header below is the command payload at byte 48.
+
+// struct ublk_batch_io (16 bytes)
+export const BATCH_IO_SIZE = 16;
+export const BATCH_IO_Q_ID = 0; // __u16 q_id
+export const BATCH_IO_FLAGS = 2; // __u16 flags (UBLK_BATCH_F_*)
+export const BATCH_IO_NR_ELEM = 4; // __u16 nr_elem: elements at sqe->addr (PREP, COMMIT)
+export const BATCH_IO_ELEM_BYTES = 6; // __u8 elem_bytes: 8, +8 with HAS_BUF_ADDR; 2 for FETCH
+/** The element carries the tag's buffer address (copy mode: required there, refused elsewhere). */
+export const UBLK_BATCH_F_HAS_BUF_ADDR = 1 << 1;
+
+// struct ublk_elem_header (8 bytes), then __u64 buf_addr with UBLK_BATCH_F_HAS_BUF_ADDR
+export const ELEM_HEADER_SIZE = 8;
+export const ELEM_TAG = 0; // __u16 tag
+export const ELEM_BUF_INDEX = 2; // __u16 buf_index: the fixed-buffer slot (UBLK_F_AUTO_BUF_REG)
+export const ELEM_RESULT = 4; // __s32 result (COMMIT: bytes done or -errno)
+export const ELEM_BUF_ADDR = 8; // __u64 buf_addr (after the header)
+/** FETCH_IO_CMDS writes each tag as one __u16. */
+export const FETCH_ELEM_BYTES = 2;
+
+export const UBLK_U_IO_PREP_IO_CMDS = iowr(0x25, BATCH_IO_SIZE);
+export const UBLK_U_IO_COMMIT_IO_CMDS = iowr(0x26, BATCH_IO_SIZE);
+export const UBLK_U_IO_FETCH_IO_CMDS = iowr(0x27, BATCH_IO_SIZE);
+
+/**
+ * Fills `sqe` with batched command `cmdOp` for queue `queueId` on /dev/ublkcN: `nrElem` elements
+ * of `elemBytes` at native address `elemsAddr` (PREP, COMMIT; 0 for FETCH, whose buffer the
+ * caller selects with `IoUring.setBufferSelect`).
+ */
+export function prepBatchCommand(
+  ring: IoUring,
+  sqe: number,
+  charFd: number,
+  cmdOp: number,
+  queueId: number,
+  flags: number,
+  nrElem: number,
+  elemBytes: number,
+  elemsAddr: number,
+  userData: number,
+): void {
+  const p = ring.prepUringCmd(sqe, charFd, cmdOp, userData);
+  if (elemsAddr !== 0) ring.setSqeAddr(sqe, elemsAddr);
+  const v = ring.sqeView;
+  v.setUint16(p + BATCH_IO_Q_ID, queueId, true);
+  v.setUint16(p + BATCH_IO_FLAGS, flags, true);
+  v.setUint16(p + BATCH_IO_NR_ELEM, nrElem, true);
+  v.setUint8(p + BATCH_IO_ELEM_BYTES, elemBytes);
+}
+
 // --- struct ublk_auto_buf_reg, carried in sqe->addr of FETCH / COMMIT_AND_FETCH (7.x) ---------
 // bits 0-15 index, 16-23 flags, 24-31 reserved0, 32-63 reserved1 (ublk_auto_buf_reg_to_sqe_addr).
 export const AUTO_BUF_REG_INDEX_SHIFT = 0;

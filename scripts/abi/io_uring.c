@@ -73,6 +73,32 @@ int main(void)
 	CONST(IORING_CQE_F_MORE);
 	CONST(IORING_CQE_F_SOCK_NONEMPTY);
 	CONST(IORING_CQE_F_NOTIF);
+	CONST(IORING_CQE_BUFFER_SHIFT);
+#ifdef IORING_CQE_F_BUF_MORE /* IOU_PBUF_RING_INC is an enum: guard on its twin */
+	CONST(IORING_CQE_F_BUF_MORE);
+	CONST(IOU_PBUF_RING_INC);
+	OFFSET("BUF_REG_FLAGS", struct io_uring_buf_reg, flags); /* "pad" in older headers */
+#else
+	MISSING("IORING_CQE_F_BUF_MORE");
+	MISSING("IOU_PBUF_RING_INC");
+	MISSING("BUF_REG_FLAGS");
+#endif
+#ifdef IORING_URING_CMD_MULTISHOT
+	CONST(IORING_URING_CMD_MULTISHOT);
+#else
+	MISSING("IORING_URING_CMD_MULTISHOT");
+#endif
+	CONST(IORING_REGISTER_PBUF_RING);
+	CONST(IORING_UNREGISTER_PBUF_RING);
+	OFFSET("BUF_REG_RING_ADDR", struct io_uring_buf_reg, ring_addr);
+	OFFSET("BUF_REG_RING_ENTRIES", struct io_uring_buf_reg, ring_entries);
+	OFFSET("BUF_REG_BGID", struct io_uring_buf_reg, bgid);
+	SIZE("BUF_REG_SIZE", struct io_uring_buf_reg);
+	OFFSET("BUF_ADDR", struct io_uring_buf, addr);
+	OFFSET("BUF_LEN", struct io_uring_buf, len);
+	OFFSET("BUF_BID", struct io_uring_buf, bid);
+	SIZE("BUF_SIZE", struct io_uring_buf);
+	OFFSET("BUF_RING_TAIL", struct io_uring_buf_ring, tail);
 
 	CONST(IORING_OFF_SQ_RING);
 	CONST(IORING_OFF_CQ_RING);

@@ -318,6 +318,40 @@ int main(void)
 	CONST(UBLK_IO_F_FUA);
 	CONST(UBLK_IO_F_NOUNMAP);
 	CONST(UBLK_IO_F_SWAP);
+#ifdef UBLK_U_IO_PREP_IO_CMDS
+	SIZE("BATCH_IO_SIZE", struct ublk_batch_io);
+	OFFSET("BATCH_IO_Q_ID", struct ublk_batch_io, q_id);
+	OFFSET("BATCH_IO_FLAGS", struct ublk_batch_io, flags);
+	OFFSET("BATCH_IO_NR_ELEM", struct ublk_batch_io, nr_elem);
+	OFFSET("BATCH_IO_ELEM_BYTES", struct ublk_batch_io, elem_bytes);
+	CONST(UBLK_BATCH_F_HAS_BUF_ADDR);
+	SIZE("ELEM_HEADER_SIZE", struct ublk_elem_header);
+	OFFSET("ELEM_TAG", struct ublk_elem_header, tag);
+	OFFSET("ELEM_BUF_INDEX", struct ublk_elem_header, buf_index);
+	OFFSET("ELEM_RESULT", struct ublk_elem_header, result);
+	/* buf_addr follows the header (the element layout in the comment above struct ublk_batch_io). */
+	VALUE("ELEM_BUF_ADDR", sizeof(struct ublk_elem_header));
+	VALUE("FETCH_ELEM_BYTES", sizeof(__u16));
+	CONST(UBLK_U_IO_PREP_IO_CMDS);
+	CONST(UBLK_U_IO_COMMIT_IO_CMDS);
+	CONST(UBLK_U_IO_FETCH_IO_CMDS);
+#else
+	MISSING("BATCH_IO_SIZE");
+	MISSING("BATCH_IO_Q_ID");
+	MISSING("BATCH_IO_FLAGS");
+	MISSING("BATCH_IO_NR_ELEM");
+	MISSING("BATCH_IO_ELEM_BYTES");
+	MISSING("UBLK_BATCH_F_HAS_BUF_ADDR");
+	MISSING("ELEM_HEADER_SIZE");
+	MISSING("ELEM_TAG");
+	MISSING("ELEM_BUF_INDEX");
+	MISSING("ELEM_RESULT");
+	MISSING("ELEM_BUF_ADDR");
+	MISSING("FETCH_ELEM_BYTES");
+	MISSING("UBLK_U_IO_PREP_IO_CMDS");
+	MISSING("UBLK_U_IO_COMMIT_IO_CMDS");
+	MISSING("UBLK_U_IO_FETCH_IO_CMDS");
+#endif
 #ifdef UBLK_AUTO_BUF_REG_FALLBACK
 	CONST(UBLK_AUTO_BUF_REG_FALLBACK);
 	CONST(UBLK_IO_F_NEED_REG_BUF);

@@ -8,6 +8,9 @@ import process from "node:process";
 import { QueueWait, setupQueueRing } from "../../lib/queue_ring.ts";
 import {
   errnoOfCqe,
+  IORING_CQE_BUFFER_SHIFT,
+  IORING_CQE_F_BUF_MORE,
+  IORING_CQE_F_BUFFER,
   IORING_FEAT_NODROP,
   IORING_OP_URING_CMD,
   IORING_SETUP_COOP_TASKRUN,
@@ -17,7 +20,9 @@ import {
   IORING_SETUP_SQE128,
   IORING_SETUP_TASKRUN_FLAG,
   IOSQE_FIXED_FILE,
+  IOU_PBUF_RING_INC,
   IoUring,
+  ProvidedBufferRing,
   RWF_DSYNC,
 } from "../../ffi/io_uring.ts";
 import {
@@ -38,7 +43,7 @@ import {
   pread,
   pwrite,
 } from "../../ffi/libc.ts";
-import { EBADF, EFAULT, EINVAL, EOPNOTSUPP, SyscallError } from "../../ffi/errno.ts";
+import { EBADF, EFAULT, EINVAL, ENOBUFS, EOPNOTSUPP, SyscallError } from "../../ffi/errno.ts";
 
 const MiB = 1024 * 1024;
 
@@ -1154,6 +1159,58 @@ Deno.test("IoUring read_fixed/write_fixed with registered buffers and a register
       }
     })
   ));
+
+Deno.test(
+  "ProvidedBufferRing (IOU_PBUF_RING_INC): reads fill one buffer front to back, BUF_MORE while " +
+    "room is left, ENOBUFS once it is used up, and add() offers it again",
+  () =>
+    ringFor(8, async (ring) => {
+      const dir = await Deno.makeTempDir({ prefix: "fastloop-pbuf-" });
+      const content = randomBytes(1024);
+      await Deno.writeFile(`${dir}/f`, content);
+      const fd = open(`${dir}/f`, O_RDONLY);
+      const bgid = 7;
+      const pbuf = new ProvidedBufferRing(ring, bgid, 1, IOU_PBUF_RING_INC);
+      const buffer = new AlignedBuffer(4096);
+      // 256 of its bytes are offered, as bid 3.
+      const offer = () => pbuf.add(Number(buffer.address), 256, 3);
+      const readInto = (offset: number, len: number, userData: number) => {
+        const sqe = ring.sqe();
+        ring.prepRead(sqe, fd, 0, len, offset, userData);
+        ring.selectBuffer(sqe, bgid);
+        return waitCqes(ring, 1)[0]!;
+      };
+      try {
+        offer();
+        const bid = (c: Cqe) => c.flags >>> IORING_CQE_BUFFER_SHIFT;
+        const a = readInto(0, 100, 1);
+        assert.equal(a.res, 100);
+        assert.ok(a.flags & IORING_CQE_F_BUFFER, "the CQE names its buffer");
+        assert.equal(bid(a), 3);
+        assert.ok(a.flags & IORING_CQE_F_BUF_MORE, "room is left after 100 of 256 bytes");
+        const b = readInto(100, 100, 2);
+        assert.equal(b.res, 100);
+        assert.ok(b.flags & IORING_CQE_F_BUF_MORE);
+        // The rest of the buffer: 56 bytes, and no BUF_MORE: it has left the ring.
+        const c = readInto(200, 100, 3);
+        assert.equal(c.res, 56);
+        assert.equal(c.flags & IORING_CQE_F_BUF_MORE, 0);
+        assertSameBytes(buffer.bytes.subarray(0, 256), content.subarray(0, 256), "the buffer");
+        assert.equal(readInto(256, 100, 4).res, -ENOBUFS);
+        offer();
+        const d = readInto(512, 100, 5);
+        assert.equal(d.res, 100);
+        assert.equal(bid(d), 3);
+        assertSameBytes(buffer.bytes.subarray(0, 100), content.subarray(512, 612), "offered again");
+      } finally {
+        close(fd);
+        ring.close();
+        pbuf.free();
+        buffer.free();
+        await Deno.remove(dir, { recursive: true });
+      }
+    }),
+);
 
 Deno.test("IoUring.registerBuffers() failure is a SyscallError naming io_uring_register", () =>
   ringFor(4, (ring) => {
