@@ -219,6 +219,7 @@ function runEngine(cell: Cell, t: EngineTarget, fixedBuffers: boolean): EngineRu
     eventFd: -1,
     poisonByte: -1,
     dataMode: "copy",
+    batchIo: false,
     fixedBuffers,
     ringMode: "defer",
     spinUs: 0,

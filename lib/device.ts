@@ -17,6 +17,7 @@ import {
   UBLK_ATTR_READ_ONLY,
   UBLK_ATTR_VOLATILE_CACHE,
   UBLK_F_AUTO_BUF_REG,
+  UBLK_F_BATCH_IO,
   UBLK_F_CMD_IOCTL_ENCODE,
   UBLK_F_NO_AUTO_PART_SCAN,
   UBLK_F_QUIESCE,
@@ -422,6 +423,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       // no longer bounds the largest request either.
       const zeroCopy = zeroCopyWanted(features);
       if (zeroCopy) flags |= BigInt(UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_AUTO_BUF_REG);
+      if (batchIoWanted(features)) flags |= BigInt(UBLK_F_BATCH_IO);
       info = await ctl.addDevice({
         queues: opts.queues,
         depth: opts.depth,
@@ -476,6 +478,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
       // A recovered device keeps the data mode it was created with.
       dataMode: dataModeOf(info.flags),
+      batchIo: hasFeature(info.flags, UBLK_F_BATCH_IO),
       poisonByte: opts.poisonByte ?? -1,
       ...benchmarkSwitches(),
       sab,
@@ -537,6 +540,14 @@ export function dataModeOf(flags: bigint): DataMode {
 function zeroCopyWanted(features: bigint): boolean {
   return hasFeature(features, UBLK_F_AUTO_BUF_REG | UBLK_F_SUPPORT_ZERO_COPY) &&
     Deno.env.get("FASTLOOP_ZERO_COPY") !== "0";
+}
+
+/**
+ * Batched ublk commands (UBLK_F_BATCH_IO, 7.0+) for a new device: FASTLOOP_BATCH_IO=1 asks for
+ * them where the kernel has them (lib/ublk_hop.ts).
+ */
+function batchIoWanted(features: bigint): boolean {
+  return hasFeature(features, UBLK_F_BATCH_IO) && Deno.env.get("FASTLOOP_BATCH_IO") === "1";
 }
 
 /**

@@ -18,26 +18,21 @@
 //!  4. `#submit` prepares every backend SQE; `onBackendCqe` takes every backend CQE: in-flight
 //!     counts, EINTR/EAGAIN re-issued, short transfers continued, the first error kept.
 //!  5. `#finish`: counters, the error record, and the result to the `Completer` (in the loop,
-//!     COMMIT_AND_FETCH_REQ).
+//!     the ublk hop: COMMIT_AND_FETCH_REQ, or one COMMIT_IO_CMDS per turn; lib/ublk_hop.ts).
 //! FLUSH, DISCARD and WRITE_ZEROES take the same `#submit`/`onBackendCqe` pair. Backend errors
 //! complete their request with -errno and never stop the queue. Nothing here allocates per IO:
 //! the records (`lib/request.ts`) are preallocated per tag.
 
 import { type IoUring, RWF_DSYNC } from "../ffi/io_uring.ts";
 import { AlignedBuffer } from "../ffi/libc.ts";
-import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, errnoName, SyscallError } from "../ffi/errno.ts";
+import { EAGAIN, EINTR, EIO, EOPNOTSUPP, EROFS, SyscallError } from "../ffi/errno.ts";
 import {
-  prepIoCommand,
   UBLK_IO_F_FUA,
   UBLK_IO_OP_DISCARD,
   UBLK_IO_OP_FLUSH,
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
-  UBLK_IO_RES_ABORT,
-  UBLK_IO_RES_OK,
-  UBLK_U_IO_COMMIT_AND_FETCH_REQ,
-  UBLK_U_IO_FETCH_REQ,
 } from "../ffi/ublk_cmd.ts";
 import { ExtentCache, ExtentKind, fileExtentSource } from "./extent_cache.ts";
 import { PunchFence, QueueFence } from "./queue_fence.ts";
@@ -69,9 +64,7 @@ import {
 import { QueueWait, setupQueueRing } from "./queue_ring.ts";
 import { filesystemBlockBytes, RegionBounds } from "./region.ts";
 import { AutoRegisteredBuffers, CopyBuffers, type RequestData } from "./request_data.ts";
-
-/** The registered file index of /dev/ublkcN (see the engine's `#files`). */
-const FILE_CHAR = 0;
+import { BatchHop, type HopContext, PerTagHop, type UblkHop } from "./ublk_hop.ts";
 
 /** Where a finished request goes: COMMIT_AND_FETCH in the ublk loop, a recorder in tests. */
 export interface Completer {
@@ -140,7 +133,8 @@ export class QueueEngine {
     this.data = cfg.dataMode === "zero-copy"
       ? new AutoRegisteredBuffers(ring, cfg.depth)
       : new CopyBuffers(ring, cfg.depth, cfg.maxIoBytes, cfg.fixedBuffers);
-    // Registered files: the kernel skips the fd lookup and reference per operation.
+    // Registered files: the kernel skips the fd lookup and reference per operation. /dev/ublkcN
+    // first: the hop's commands name it as FILE_CHAR.
     this.#files = [cfg.charFd, cfg.backingFd, cfg.fileFd, this.data.zeroFd];
     ring.registerFiles(this.#files);
     this.#zeros = new AlignedBuffer(Math.max(2 * this.#fsBlockBytes, 4096));
@@ -507,30 +501,31 @@ export class QueueEngine {
 // --- 1. the ublk queue loop ---------------------------------------------------------------------
 
 /**
- * Runs queue `cfg.queueId` until the device stops (every tag's fetch ends with ABORT), the main
- * thread posts `quit`, or a hand-over is done: nothing left in service after QUIESCE_DEV's first
- * ABORT (`handOverQuiesce`), or at all (`handOverHold`). Calls `onFetching` once every FETCH_REQ
- * is submitted (START_DEV and END_USER_RECOVERY wait for that).
+ * Runs queue `cfg.queueId` until the device stops (the driver ends the queue's fetches: `UblkHop`
+ * `ended`), the main thread posts `quit`, or a hand-over is done: nothing left in service after
+ * QUIESCE_DEV's first ABORT (`handOverQuiesce`), or at all (`handOverHold`). Calls `onFetching`
+ * once the hop has asked for the first requests (START_DEV and END_USER_RECOVERY wait for that).
+ * The hop is per tag, or batched where the device has UBLK_F_BATCH_IO (lib/ublk_hop.ts).
  */
 export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => void): void {
   const ring = setupQueueRing(cfg.depth, cfg.ringMode);
-  const command = (op: number, tag: number, result: number) => {
-    const data = engine.data;
-    const sqe = ring.sqe();
-    const addr = data.fetchAddress(tag);
-    const sqeAddr = data.commandSqeAddr(tag);
-    prepIoCommand(ring, sqe, cfg.charFd, op, cfg.queueId, tag, result, addr, sqeAddr, tag);
-    ring.useFixedFile(sqe, FILE_CHAR);
-  };
   const engine: QueueEngine = new QueueEngine(cfg, ring, desc, {
-    complete: (tag, result) => command(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result),
+    complete: (tag, result) => hop.complete(tag, result),
   });
+  const cx: HopContext = {
+    ring,
+    charFd: cfg.charFd,
+    queueId: cfg.queueId,
+    depth: cfg.depth,
+    data: engine.data,
+    onRequest,
+  };
+  const hop: UblkHop = cfg.batchIo ? new BatchHop(cx) : new PerTagHop(cx);
   const shared = engine.shared;
   const c = shared.counters;
   const doorbell = new AlignedBuffer(8);
   const postDoorbell = () =>
     ring.prepReadEventfd(ring.sqe(), cfg.eventFd, doorbell.address, UD_DOORBELL);
-  let aborted = 0;
   let quit = false;
   let handledSeq = shared.postedSeq();
   /** A setMode waiting to be acknowledged until the IO the new mode forbids has drained. */
@@ -545,7 +540,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
    */
   const handedOver = () =>
     handOver !== 0 && c[Counter.inflight] === 0 && engine.backendInflight === 0 &&
-    (handOver === MbOp.handOverHold || aborted > 0);
+    (handOver === MbOp.handOverHold || hop.aborting());
 
   const mailbox = () => {
     const seq = shared.postedSeq();
@@ -564,36 +559,30 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
     shared.acknowledge(seq);
   };
 
-  const onCqe = (userData: number, res: number) => {
+  function onRequest(tag: number): void {
+    // Handing over without QUIESCE: a request not begun is left to the kernel, which re-issues
+    // it to the next server (USER_RECOVERY_REISSUE) once this ring closes. One tag is always
+    // served, so the queue keeps a posted fetch: cancelling it is how a 6.12 kernel notices.
+    if (handOver === MbOp.handOverHold && held < cfg.depth - 1) {
+      held++;
+      return;
+    }
+    engine.handleRequest(tag);
+  }
+
+  const onCqe = (userData: number, res: number, flags: number) => {
     if (userData & UD_BACKEND) return engine.onBackendCqe(userData, res);
     if (userData === UD_DOORBELL) {
       mailbox();
       if (!quit) postDoorbell();
       return;
     }
-    if (res === UBLK_IO_RES_OK) {
-      // Handing over without QUIESCE: a request not begun is left to the kernel, which re-issues
-      // it to the next server (USER_RECOVERY_REISSUE) once this ring closes. One tag is always
-      // served, so the queue keeps a posted fetch: cancelling it is how a 6.12 kernel notices.
-      if (handOver === MbOp.handOverHold && held < cfg.depth - 1) {
-        held++;
-        return;
-      }
-      return engine.handleRequest(userData);
-    }
-    if (res === UBLK_IO_RES_ABORT) {
-      aborted++;
-      return;
-    }
-    // Any other result means the command itself was refused: the queue cannot go on.
-    throw new Error(
-      `queue ${cfg.queueId} tag ${userData}: ublk command failed with ${res} (${errnoName(-res)})`,
-    );
+    hop.onCqe(userData, res, flags);
   };
 
   try {
     postDoorbell();
-    for (let tag = 0; tag < cfg.depth; tag++) command(UBLK_U_IO_FETCH_REQ, tag, 0);
+    hop.start();
     ring.submit();
     shared.setState(QueueState.fetching);
     onFetching();
@@ -602,13 +591,14 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       wait.submitAndWait(c[Counter.inflight]!);
       ring.reapCqes(onCqe);
       engine.afterTurn();
+      hop.endTurn();
       c[Counter.turns]!++;
       c[Counter.enters] = ring.enterCalls;
       if (modeSeq !== 0 && engine.drained()) {
         shared.acknowledge(modeSeq);
         modeSeq = 0;
       }
-      if (quit || (aborted === cfg.depth && engine.backendInflight === 0)) break;
+      if (quit || (hop.ended() && engine.backendInflight === 0)) break;
       if (handedOver()) {
         // The last commits go out before the ring closes, or their requests would be re-issued.
         ring.submitOnly();
@@ -625,6 +615,7 @@ export function runQueue(cfg: QueueConfig, desc: DataView, onFetching: () => voi
       // Closing the ring cancels whatever is still posted (fetches, the doorbell read).
       ring.close();
       engine.close();
+      hop.close();
       doorbell.free();
     }
     // Handed over, the ring stays open, with the memory it may still touch, until the process

@@ -56,6 +56,11 @@ export interface QueueConfig {
    * created with UBLK_F_AUTO_BUF_REG, else `copy` through per-tag buffers.
    */
   dataMode: DataMode;
+  /**
+   * The device has UBLK_F_BATCH_IO: requests come and go with the batched commands (multishot
+   * FETCH_IO_CMDS, COMMIT_IO_CMDS per turn) instead of one FETCH/COMMIT per request.
+   */
+  batchIo: boolean;
   /** Copy mode: register the tags' buffers (less CPU per IO, pinned memory). */
   fixedBuffers: boolean;
   /** The queue ring's task-work mode: `defer` (the default), `coop` or `plain` (benchmarks). */

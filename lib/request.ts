@@ -16,12 +16,14 @@ import { ErrorPath } from "./queue_state.ts";
 
 // --- user_data ----------------------------------------------------------------------------------
 // The ublk command of a tag: the tag. Backend IO: UD_BACKEND | segment << 12 | tag (depth is at
-// most 4096 tags: 12 bits). The doorbell read: UD_DOORBELL.
+// most 4096 tags: 12 bits). The doorbell read: UD_DOORBELL. Batched ublk commands: UD_BATCH.
 
 export const UD_BACKEND = 1 << 20;
 export const UD_TAG_MASK = 0xfff;
 export const UD_SEG_SHIFT = 12;
 export const UD_DOORBELL = 1 << 21;
+/** The batched ublk commands (lib/ublk_hop.ts `BatchHop`): UD_BATCH | kind << 8 | index. */
+export const UD_BATCH = 1 << 22;
 /** Backend operations a request may have in flight at once (the segment field is 8 bits). */
 export const SEG_MAX = 256;
 

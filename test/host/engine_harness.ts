@@ -73,6 +73,7 @@ export class Harness {
       eventFd: -1,
       poisonByte: -1,
       dataMode: "copy",
+      batchIo: false,
       fixedBuffers: opts.fixedBuffers ?? false,
       ringMode: "defer",
       spinUs: 0,

@@ -7,10 +7,12 @@
 // for each test and unmounted at its end.
 
 import assert from "node:assert/strict";
+import { hasFeature, UBLK_F_BATCH_IO } from "../../ffi/ublk_cmd.ts";
 import {
   attach,
   detach,
   fastloop,
+  kernelFeatures,
   ok,
   recordOf,
   registryFiles,
@@ -296,7 +298,19 @@ function rssMiB(pid: number): string {
   return kb === undefined ? "?" : (Number(kb) / 1024).toFixed(1);
 }
 
-Deno.test("kill -9 of the server during fio verify writes: the supervisor recovers the device and fio verifies", async () => {
+const batchOffered = hasFeature(await kernelFeatures(), UBLK_F_BATCH_IO);
+
+for (const commands of ["per-tag", "batched"] as const) {
+  Deno.test({
+    name: `kill -9 of the server during fio verify writes (${commands} ublk commands): the ` +
+      "supervisor recovers the device and fio verifies" +
+      (commands === "batched" && !batchOffered ? " (SKIPPED: this kernel lacks BATCH_IO)" : ""),
+    ignore: commands === "batched" && !batchOffered,
+    fn: () => killAndRecover(commands === "batched"),
+  });
+}
+
+async function killAndRecover(batched: boolean) {
   await withHostFs(async (mnt) => {
     const file = `${mnt}/recover.img`;
     const size = 64 * MIB;
@@ -308,7 +322,11 @@ Deno.test("kill -9 of the server during fio verify writes: the supervisor recove
       "conv=fsync",
       "status=none",
     ]);
-    const dev = await attach(file);
+    // The supervisor inherits attach's environment; a recovered device keeps its flags anyway.
+    const dev = await attach(file, [], { env: { FASTLOOP_BATCH_IO: batched ? "1" : "0" } });
+    const ublkCommands = async () =>
+      JSON.parse((await fastloop(["stat", "--json", dev])).stdout)[0].ublkCommands;
+    assert.equal(await ublkCommands(), batched ? "batched" : "per-tag");
     const supervisor = recordOf(dev).supervisor?.pid;
     assert.ok(supervisor && running(supervisor), "attach left a supervisor behind");
     const fio = new Deno.Command("fio", {
@@ -352,6 +370,7 @@ Deno.test("kill -9 of the server during fio verify writes: the supervisor recove
       assert.equal(out.code, 0, `fio verify after ${recoveries.length} server kills: ${text}`);
     }
     assert.equal(recordOf(dev).supervisor?.pid, supervisor, "the same supervisor throughout");
+    assert.equal(await ublkCommands(), batched ? "batched" : "per-tag", "after recovery");
     await detach(dev);
     assert.ok(!running(supervisor), "the supervisor exits with the device");
     const sorted = [...recoveries].sort((a, b) => a - b);
@@ -362,7 +381,7 @@ Deno.test("kill -9 of the server during fio verify writes: the supervisor recove
         }`,
     );
   });
-});
+}
 
 Deno.test("attach --read-only --json: a read lease that readers do not break, and writes refused", async () => {
   await withHostFs(async (mnt, tmp) => {

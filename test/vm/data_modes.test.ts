@@ -4,40 +4,47 @@
 // it where zero copy exists). Zero copy changes where the data lives, not which blocks are
 // written: the same checks pass in both. Oracles: cmp against references on tmpfs and against
 // /dev/zero, fio's crc32c verify, an ext4 made on the device checked by e2fsck and read through
-// the kernel's own loop device.
+// the kernel's own loop device. Where the kernel has UBLK_F_BATCH_IO (7.0+) the same checks run
+// once more with the batched ublk commands (FASTLOOP_BATCH_IO=1, lib/ublk_hop.ts).
 
 import assert from "node:assert/strict";
-import { hasFeature, UBLK_F_AUTO_BUF_REG } from "../../ffi/ublk_cmd.ts";
-import { attach, detach, fastloop, ok, run, withHostFs } from "./support.ts";
+import { hasFeature, UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO } from "../../ffi/ublk_cmd.ts";
+import { attach, detach, fastloop, kernelFeatures, ok, run, withHostFs } from "./support.ts";
 
 const MIB = 1024 * 1024;
 
-/** The kernel's ublk features, from `fastloop doctor --json` (GET_FEATURES). */
-async function kernelFeatures(): Promise<bigint> {
-  const r = await fastloop(["doctor", "--json"]);
-  const features = JSON.parse(r.stdout).ublk.features as string | null;
-  assert.ok(features, `doctor reports the ublk features: ${r.stdout}`);
-  return BigInt(features);
-}
+const features = await kernelFeatures();
+const zeroCopyOffered = hasFeature(features, UBLK_F_AUTO_BUF_REG);
+const batchOffered = hasFeature(features, UBLK_F_BATCH_IO);
 
-const zeroCopyOffered = hasFeature(await kernelFeatures(), UBLK_F_AUTO_BUF_REG);
+const variants = [
+  { mode: "zero-copy", commands: "per-tag", lacks: zeroCopyOffered ? "" : "AUTO_BUF_REG" },
+  { mode: "copy", commands: "per-tag", lacks: "" },
+  {
+    mode: "zero-copy",
+    commands: "batched",
+    lacks: !zeroCopyOffered ? "AUTO_BUF_REG" : !batchOffered ? "BATCH_IO" : "",
+  },
+  { mode: "copy", commands: "batched", lacks: batchOffered ? "" : "BATCH_IO" },
+] as const;
 
-for (const mode of ["zero-copy", "copy"] as const) {
-  const env = { FASTLOOP_ZERO_COPY: mode === "copy" ? "0" : "1" };
+for (const { mode, commands, lacks } of variants) {
+  const env = {
+    FASTLOOP_ZERO_COPY: mode === "copy" ? "0" : "1",
+    FASTLOOP_BATCH_IO: commands === "batched" ? "1" : "0",
+  };
   Deno.test({
-    name:
-      `${mode}: bytes, holes, fio verify and an ext4 read back through the kernel's loop device` +
-      (mode === "zero-copy" && !zeroCopyOffered
-        ? " (SKIPPED: this kernel lacks AUTO_BUF_REG)"
-        : ""),
-    ignore: mode === "zero-copy" && !zeroCopyOffered,
+    name: `${mode}, ${commands} ublk commands: bytes, holes, fio verify and an ext4 read back ` +
+      `through the kernel's loop device${lacks ? ` (SKIPPED: this kernel lacks ${lacks})` : ""}`,
+    ignore: lacks !== "",
     async fn() {
       await withHostFs(async (mnt, tmp) => {
-        const file = `${mnt}/${mode}.img`;
+        const file = `${mnt}/${mode}-${commands}.img`;
         await ok("truncate", ["-s", "96M", file]);
         const dev = await attach(file, [], { env });
         const [row] = JSON.parse((await fastloop(["stat", "--json", dev])).stdout);
         assert.equal(row.dataMode, mode, `the device runs in ${mode} mode`);
+        assert.equal(row.ublkCommands, commands, `the device takes ${commands} ublk commands`);
         if (mode === "zero-copy") assert.equal(row.maxIoBytes, MIB, "1 MiB requests unsplit");
 
         // 1. Whole 1 MiB requests over [0, 16M), then a read that spans data and holes: in zero

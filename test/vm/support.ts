@@ -53,6 +53,14 @@ export function fastloop(args: string[], opts: RunOptions = {}): Promise<Run> {
   return run("fastloop", args, opts);
 }
 
+/** The kernel's ublk features, from `fastloop doctor --json` (GET_FEATURES). */
+export async function kernelFeatures(): Promise<bigint> {
+  const r = await fastloop(["doctor", "--json"]);
+  const features = JSON.parse(r.stdout).ublk.features as string | null;
+  assert.ok(features, `doctor reports the ublk features: ${r.stdout}`);
+  return BigInt(features);
+}
+
 /** Attaches `file`; checks the kernel's view of the new device: it exists with the file's size. */
 export async function attach(
   file: string,
