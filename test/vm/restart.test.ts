@@ -5,15 +5,19 @@
 // read back and checked, during the run and after it) and its exit status (an IO error fails
 // it), the kernel log (no IO error for the device, no ublk warning), /proc (a new server and a
 // new supervisor each time, the old ones gone), /sys (the same disk all along, with the queues
-// and depth it was attached with). FASTLOOP_RESTARTS=N runs N restarts instead of three.
+// and depth it was attached with). FASTLOOP_RESTARTS=N runs N restarts instead of three. Where the
+// kernel has UBLK_F_BATCH_IO the same runs once more on a device with batched ublk commands
+// (QUIESCE_DEV cancels their multishot fetches; the new server prepares every tag again).
 
 import assert from "node:assert/strict";
+import { hasFeature, UBLK_F_BATCH_IO } from "../../ffi/ublk_cmd.ts";
 import {
   attach,
   completedIos,
   detach,
   dmesgSince,
   fastloop,
+  kernelFeatures,
   ok,
   recordOf,
   registryFiles,
@@ -133,6 +137,7 @@ interface Row {
   queues: number;
   depth: number;
   mode: string;
+  ublkCommands: string;
 }
 
 async function statRow(dev: string): Promise<Row> {
@@ -145,11 +150,25 @@ function sysfs(path: string): string {
   return Deno.readTextFileSync(path).trim();
 }
 
-Deno.test(`fastloop restart ${RESTARTS} times under fio randrw verify on the device: fio verifies, no IO error, a new server each time`, async () => {
+const batchOffered = hasFeature(await kernelFeatures(), UBLK_F_BATCH_IO);
+
+for (const commands of ["per-tag", "batched"] as const) {
+  Deno.test({
+    name: `fastloop restart ${RESTARTS} times under fio randrw verify on the device ` +
+      `(${commands} ublk commands): fio verifies, no IO error, a new server each time` +
+      (commands === "batched" && !batchOffered ? " (SKIPPED: this kernel lacks BATCH_IO)" : ""),
+    ignore: commands === "batched" && !batchOffered,
+    fn: () => restartUnderIo(commands),
+  });
+}
+
+async function restartUnderIo(commands: "per-tag" | "batched") {
   await withHostFs(async (mnt) => {
     const file = `${mnt}/restart.img`;
     await ok("truncate", ["-s", "128M", file]);
-    const dev = await attach(file, ["--queues", "2", "--depth", "64"]);
+    const dev = await attach(file, ["--queues", "2", "--depth", "64"], {
+      env: { FASTLOOP_BATCH_IO: commands === "batched" ? "1" : "0" },
+    });
     const name = dev.slice(5);
     const devt = sysfs(`/sys/block/${name}/dev`);
     const shape = () => ({
@@ -225,6 +244,7 @@ Deno.test(`fastloop restart ${RESTARTS} times under fio randrw verify on the dev
     assert.equal(row.supervisor?.restarts, RESTARTS);
     assert.equal(row.queues, 2);
     assert.equal(row.depth, 64);
+    assert.equal(row.ublkCommands, commands, "the device keeps its ublk commands");
     // The device's log names every server, with its fastloop, and each hand-over.
     const logText = Deno.readTextFileSync(log);
     for (const pid of seen) {
@@ -244,4 +264,4 @@ Deno.test(`fastloop restart ${RESTARTS} times under fio randrw verify on the dev
     // Since this test began only: other tests in the same boot fail IO on purpose.
     assert.doesNotMatch(await dmesgSince(dmesgFrom), new RegExp(`I/O error, dev ${name}\\b`));
   });
-});
+}
