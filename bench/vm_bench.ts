@@ -248,11 +248,17 @@ async function main() {
     ];
     const zeroCopy = await zeroCopyOffered();
     if (await fastloopAvailable()) {
-      // Each data mode the kernel offers, named (lib/request_data.ts).
-      const modes = zeroCopy ? [["zero copy", "1"], ["copy", "0"]] : [["copy", "0"]];
-      for (const [mode, env] of modes) {
+      // Each data mode the kernel offers, named (lib/request_data.ts), and where the kernel has
+      // UBLK_F_BATCH_IO the batched ublk commands too (lib/ublk_hop.ts; opt-in).
+      const modes = [{ label: "copy", zeroCopy: false, batched: false }];
+      if (zeroCopy) modes.unshift({ label: "zero copy", zeroCopy: true, batched: false });
+      if (await batchIoOffered()) {
+        modes.push({ label: `${modes[0]!.label}, batched`, zeroCopy, batched: true });
+      }
+      for (const { label: mode, zeroCopy: zc, batched } of modes) {
+        const env = `FASTLOOP_ZERO_COPY=${zc ? 1 : 0} FASTLOOP_BATCH_IO=${batched ? 1 : 0}`;
         targets.push(async () => {
-          const dev = (await sh(`FASTLOOP_ZERO_COPY=${env} fastloop attach ${backingFile}`)).trim();
+          const dev = (await sh(`${env} fastloop attach ${backingFile}`)).trim();
           return {
             target: { name: `fastloop (${mode})`, device: dev, offset: 0, size: region },
             cleanup: async () => void await sh(`fastloop detach ${dev}`),
