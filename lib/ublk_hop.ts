@@ -58,8 +58,6 @@ export interface UblkHop {
   aborting(): boolean;
   /** Every fetch has ended and every commit gone out: the queue is done with the driver. */
   ended(): boolean;
-  /** "per-tag" or "batched". */
-  readonly name: string;
   close(): void;
 }
 
@@ -75,7 +73,6 @@ export interface HopContext {
 
 /** FETCH_REQ per tag, COMMIT_AND_FETCH_REQ per request (user_data: the tag). */
 export class PerTagHop implements UblkHop {
-  readonly name = "per-tag";
   readonly #cx: HopContext;
   /** Tags whose fetch ended with ABORT: the device is stopping or quiescing. */
   #aborted = 0;
@@ -166,7 +163,6 @@ interface CommitBuffer {
 
 /** PREP_IO_CMDS, multishot FETCH_IO_CMDS, one COMMIT_IO_CMDS per turn (UBLK_F_BATCH_IO). */
 export class BatchHop implements UblkHop {
-  readonly name = "batched";
   readonly #cx: HopContext;
   /** Copy mode: each element carries the tag's buffer address. */
   readonly #withAddr: boolean;
