@@ -149,14 +149,16 @@ interface Fetch {
   readonly view: DataView;
   /** Bytes of the buffer already delivered (the driver fills it front to back). */
   readOffset: number;
-  /** The buffer is in its ring (false once the driver used it up). */
-  offered: boolean;
+  /** Tags were delivered since the fetch was last posted. */
+  delivered: boolean;
 }
 
 /** A buffer of COMMIT_IO_CMDS elements. */
 interface CommitBuffer {
   readonly index: number;
   readonly buffer: AlignedBuffer;
+  /** Its native address as a number (no BigInt per turn). */
+  readonly address: number;
   readonly view: DataView;
   count: number;
 }
@@ -181,17 +183,20 @@ export class BatchHop implements UblkHop {
     // Copy mode gives the driver each tag's buffer address; zero copy has none (0).
     this.#withAddr = cx.data.fetchAddress(0) !== 0;
     this.#elemBytes = ELEM_HEADER_SIZE + (this.#withAddr ? 8 : 0);
-    // Room for every tag of the queue many times over: a used-up buffer costs one re-arm.
+    // A page at least (2048 tags), and every tag of the queue: the driver fills it over many
+    // deliveries, and a used-up buffer is offered again at once.
     const bytes = Math.ceil((cx.depth * FETCH_ELEM_BYTES) / 4096) * 4096;
     for (let i = 0; i < FETCHES; i++) {
       const buffer = new AlignedBuffer(bytes);
-      this.#fetches.push({
+      const f = {
         ring: new ProvidedBufferRing(cx.ring, i, 1, IOU_PBUF_RING_INC),
         buffer,
         view: new DataView(buffer.bytes.buffer),
         readOffset: 0,
-        offered: false,
-      });
+        delivered: false,
+      };
+      this.#offer(f);
+      this.#fetches.push(f);
     }
   }
 
@@ -205,7 +210,7 @@ export class BatchHop implements UblkHop {
     this.#prep = new AlignedBuffer(depth * this.#elemBytes);
     const view = new DataView(this.#prep.bytes.buffer);
     for (let tag = 0; tag < depth; tag++) this.#writeElement(view, tag, tag, 0);
-    this.#command(UBLK_U_IO_PREP_IO_CMDS, depth, this.#prep.address, KIND_PREP, 0);
+    this.#command(UBLK_U_IO_PREP_IO_CMDS, depth, Number(this.#prep.address), KIND_PREP, 0);
   }
 
   complete(tag: number, result: number): void {
@@ -223,13 +228,7 @@ export class BatchHop implements UblkHop {
     if (open === null) return;
     this.#open = null;
     this.#commitsInFlight++;
-    this.#command(
-      UBLK_U_IO_COMMIT_IO_CMDS,
-      open.count,
-      open.buffer.address,
-      KIND_COMMIT,
-      open.index,
-    );
+    this.#command(UBLK_U_IO_COMMIT_IO_CMDS, open.count, open.address, KIND_COMMIT, open.index);
   }
 
   onCqe(userData: number, res: number, flags: number): void {
@@ -286,7 +285,9 @@ export class BatchHop implements UblkHop {
         this.#cx.onRequest(f.view.getUint16(at, true));
       }
       f.readOffset = end;
-      // Used up: offer it again at once, so the driver need not end the fetch for lack of one.
+      f.delivered = true;
+      // Used up, it left the ring: offer it again at once (the tags are read), so the driver
+      // rarely has to end the fetch for lack of a buffer.
       if ((flags & IORING_CQE_F_BUF_MORE) === 0) this.#offer(f);
     }
     if ((flags & IORING_CQE_F_MORE) !== 0) return;
@@ -294,29 +295,40 @@ export class BatchHop implements UblkHop {
       this.#aborted++;
       return;
     }
-    if (res === -ENOBUFS) f.offered = false;
-    else if (res < 0) this.#fail("FETCH_IO_CMDS", res, "a multishot fetch");
+    if (res === -ENOBUFS) {
+      // The driver found the ring empty between using the buffer up and our offering it again,
+      // which the CQE before this one did: post the fetch again, do not offer twice (a second
+      // entry would hand the driver the same memory while it still fills it). A fetch that ends
+      // so with nothing delivered since it was posted had a buffer it did not see: a bug.
+      if (!f.delivered) this.#fail("FETCH_IO_CMDS", res, "a fetch with a buffer offered");
+    } else if (res < 0) {
+      this.#fail("FETCH_IO_CMDS", res, "a multishot fetch");
+    }
     if (this.#aborted === 0) this.#postFetch(f);
   }
 
   #postFetch(f: Fetch): void {
-    if (!f.offered) this.#offer(f);
+    f.delivered = false;
     const index = this.#fetches.indexOf(f);
-    const sqe = this.#command(UBLK_U_IO_FETCH_IO_CMDS, 0, 0n, KIND_FETCH, index);
+    const sqe = this.#command(UBLK_U_IO_FETCH_IO_CMDS, 0, 0, KIND_FETCH, index);
     this.#cx.ring.useMultishotBuffers(sqe, f.ring.bgid);
   }
 
   #offer(f: Fetch): void {
     f.readOffset = 0;
-    f.offered = true;
     f.ring.add(Number(f.buffer.address), f.buffer.lengthBytes, 0);
   }
 
   #newCommitBuffer(): CommitBuffer {
+    // One per turn whose commit is still in flight: a handful. user_data has 8 bits for it.
+    if (this.#commits.length > 0xff) {
+      throw new Error(`queue ${this.#cx.queueId}: 256 COMMIT_IO_CMDS in flight, none completed`);
+    }
     const buffer = new AlignedBuffer(this.#cx.depth * this.#elemBytes);
     const commit = {
       index: this.#commits.length,
       buffer,
+      address: Number(buffer.address),
       view: new DataView(buffer.bytes.buffer),
       count: 0,
     };
@@ -337,7 +349,7 @@ export class BatchHop implements UblkHop {
     }
   }
 
-  #command(op: number, nrElem: number, elems: bigint, kind: number, index: number): number {
+  #command(op: number, nrElem: number, elems: number, kind: number, index: number): number {
     const { ring } = this.#cx;
     const sqe = ring.sqe();
     const fetch = op === UBLK_U_IO_FETCH_IO_CMDS;
@@ -350,7 +362,7 @@ export class BatchHop implements UblkHop {
       this.#withAddr && !fetch ? UBLK_BATCH_F_HAS_BUF_ADDR : 0,
       nrElem,
       fetch ? FETCH_ELEM_BYTES : this.#elemBytes,
-      Number(elems),
+      elems,
       UD_BATCH | (kind << KIND_SHIFT) | index,
     );
     ring.useFixedFile(sqe, FILE_CHAR);
