@@ -156,7 +156,7 @@ export const UBLK_U_IO_FETCH_IO_CMDS = iowr(0x27, BATCH_IO_SIZE);
 /**
  * Fills `sqe` with batched command `cmdOp` for queue `queueId` on /dev/ublkcN: `nrElem` elements
  * of `elemBytes` at native address `elemsAddr` (PREP, COMMIT; 0 for FETCH, whose buffer the
- * caller selects with `IoUring.setBufferSelect`).
+ * caller selects with `IoUring.useMultishotBuffers`).
  */
 export function prepBatchCommand(
   ring: IoUring,

@@ -113,6 +113,8 @@ export interface Device {
   features: bigint;
   /** How request data reaches the backend: zero copy (UBLK_F_AUTO_BUF_REG) or copy. */
   dataMode: DataMode;
+  /** How requests come and go: per tag, or batched (UBLK_F_BATCH_IO; lib/ublk_hop.ts). */
+  ublkCommands: UblkCommands;
   setMode(mode: Mode): Promise<void>;
   /**
    * Grows the device to `sizeBytes` (`fastloop resize`; UBLK_F_UPDATE_SIZE): the queues first,
@@ -188,6 +190,7 @@ class UblkDevice implements Device {
   readonly flags: bigint;
   readonly features: bigint;
   readonly dataMode: DataMode;
+  readonly ublkCommands: UblkCommands;
   readonly #ctl: UblkControl;
   readonly #opts: DeviceOptions;
   readonly #q: Queue[];
@@ -215,6 +218,7 @@ class UblkDevice implements Device {
     this.flags = info.flags;
     this.features = features;
     this.dataMode = dataModeOf(info.flags);
+    this.ublkCommands = ublkCommandsOf(info.flags);
     this.#charFd = charFd;
     this.#q = queues;
   }
@@ -320,12 +324,7 @@ class UblkDevice implements Device {
    * re-issue what it held to the next server (USER_RECOVERY_REISSUE). Then everything is flushed
    * (the next server's first FLUSH cannot know what went through the file before it) and
    * /dev/ublkcN closes; the device stays, its IO waiting.
-   *
-   * A device with batched ublk commands (UBLK_F_BATCH_IO) is never quiesced: after QUIESCE_DEV
-   * the driver keeps failing its new requests once the next server has taken it over (measured on
-   * 7.3.4: fio saw EIO right after the first restart; the driver leaves the queues' force_abort
-   * set, fixed upstream by "ublk: clear force_abort in ublk_queue_reset_io_flags()"). Holding
-   * back works there as it does on 6.12: it is the path of a crash, without the crash.
+   * (A device with batched ublk commands is made without UBLK_F_QUIESCE: see `createDevice`.)
    */
   async handOver(): Promise<string> {
     if (this.#stopped) throw new Error(`${this.blockPath} is stopping already`);
@@ -334,7 +333,7 @@ class UblkDevice implements Device {
     await this.#mailbox;
     try {
       let how = "new requests held back for the next server (USER_RECOVERY_REISSUE)";
-      if (hasFeature(this.flags, UBLK_F_QUIESCE) && !hasFeature(this.flags, UBLK_F_BATCH_IO)) {
+      if (hasFeature(this.flags, UBLK_F_QUIESCE)) {
         await postToQueues(this.#q, MbOp.handOverQuiesce);
         try {
           await this.#ctl.quiesceDevice(this.id, QUIESCE_TIMEOUT_MS);
@@ -413,6 +412,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       }
     } else {
       let flags = 0n;
+      const batchIo = batchIoWanted(features);
       if (hasFeature(features, UBLK_F_CMD_IOCTL_ENCODE)) flags |= BigInt(UBLK_F_CMD_IOCTL_ENCODE);
       // No partition scan inside START_DEV (7.0+): `attach --partscan` scans once the device is
       // live (lib/partitions.ts). Older kernels scan there whatever we ask.
@@ -422,14 +422,19 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
         if (hasFeature(features, UBLK_F_USER_RECOVERY_REISSUE)) {
           flags |= BigInt(UBLK_F_USER_RECOVERY_REISSUE);
         }
-        // `fastloop restart` hands the device over with QUIESCE_DEV where the kernel has it.
-        if (hasFeature(features, UBLK_F_QUIESCE)) flags |= BigInt(UBLK_F_QUIESCE);
+        // `fastloop restart` hands the device over with QUIESCE_DEV where the kernel has it. Not
+        // a device with batched ublk commands: quiesced, the 7.3.4 driver kept failing every
+        // request once the next server had taken over (fio saw EIO right after the first
+        // restart; it leaves the queues' force_abort set, fixed upstream by "ublk: clear
+        // force_abort in ublk_queue_reset_io_flags()"). Such a device is handed over by holding
+        // requests back, as on 6.12: the path of a crash, without the crash.
+        if (hasFeature(features, UBLK_F_QUIESCE) && !batchIo) flags |= BigInt(UBLK_F_QUIESCE);
       }
       // Zero copy where the kernel offers it: no data buffers in the server, so buffer memory
       // no longer bounds the largest request either.
       const zeroCopy = zeroCopyWanted(features);
       if (zeroCopy) flags |= BigInt(UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_AUTO_BUF_REG);
-      if (batchIoWanted(features)) flags |= BigInt(UBLK_F_BATCH_IO);
+      if (batchIo) flags |= BigInt(UBLK_F_BATCH_IO);
       info = await ctl.addDevice({
         queues: opts.queues,
         depth: opts.depth,
@@ -484,7 +489,7 @@ export async function createDevice(opts: DeviceOptions): Promise<Device> {
       maxExtents: opts.maxExtents ?? DEFAULT_MAX_EXTENTS,
       // A recovered device keeps the data mode it was created with.
       dataMode: dataModeOf(info.flags),
-      batchIo: hasFeature(info.flags, UBLK_F_BATCH_IO),
+      batchIo: ublkCommandsOf(info.flags) === "batched",
       poisonByte: opts.poisonByte ?? -1,
       ...benchmarkSwitches(),
       sab,
@@ -532,6 +537,13 @@ async function teardown(
   } finally {
     ctl.close();
   }
+}
+
+export type UblkCommands = "per-tag" | "batched";
+
+/** The ublk commands of a device created with `flags`: per tag, or batched (UBLK_F_BATCH_IO). */
+function ublkCommandsOf(flags: bigint): UblkCommands {
+  return hasFeature(flags, UBLK_F_BATCH_IO) ? "batched" : "per-tag";
 }
 
 /** The data mode of a device created with `flags` (dev_info.flags). */

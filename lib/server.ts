@@ -12,7 +12,7 @@
 import { SyscallError } from "../ffi/errno.ts";
 import { forgetLease } from "../ffi/fcntl.ts";
 import { close, fstat, libc, O_DIRECT, O_RDONLY, O_RDWR, open } from "../ffi/libc.ts";
-import { hasFeature, UBLK_F_BATCH_IO, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
+import { hasFeature, UBLK_F_NO_AUTO_PART_SCAN } from "../ffi/ublk_cmd.ts";
 import { serveControlSocket } from "./control_socket.ts";
 import { openLog, writeReadiness } from "./daemon.ts";
 import { ExitCode, UserError } from "./errors.ts";
@@ -408,7 +408,7 @@ class Server {
     log(
       `device ${device.blockPath} ${o.recoverDeviceId === undefined ? "live" : "recovered"} ` +
         `(id ${device.id}; data: ${device.dataMode}, requests up to ${device.maxIoBytes} bytes; ` +
-        `ublk commands: ${hasFeature(device.flags, UBLK_F_BATCH_IO) ? "batched" : "per-tag"})`,
+        `ublk commands: ${device.ublkCommands})`,
     );
     if (o.partscan && o.recoverDeviceId === undefined) {
       // Where the kernel scanned in START_DEV (no UBLK_F_NO_AUTO_PART_SCAN) only the nodes
@@ -614,9 +614,7 @@ class Server {
       queues: this.#opts.queues,
       depth: this.#opts.depth,
       dataMode: this.#device?.dataMode,
-      ublkCommands: this.#device
-        ? hasFeature(this.#device.flags, UBLK_F_BATCH_IO) ? "batched" : "per-tag"
-        : undefined,
+      ublkCommands: this.#device?.ublkCommands,
       maxIoBytes: this.#device?.maxIoBytes,
       server: {
         pid: Deno.pid,

@@ -7,8 +7,8 @@
 // new supervisor each time, the old ones gone), /sys (the same disk all along, with the queues
 // and depth it was attached with). FASTLOOP_RESTARTS=N runs N restarts instead of three. Where the
 // kernel has UBLK_F_BATCH_IO the same runs once more on a device with batched ublk commands,
-// which is handed over by holding requests back, not by QUIESCE_DEV (lib/device.ts `handOver`:
-// quiesced, 7.3.4 failed its IO after the restart, and this test caught it).
+// which is made without UBLK_F_QUIESCE and so handed over by holding requests back (lib/device.ts
+// `createDevice`: quiesced, 7.3.4 failed its IO after the restart, and this test caught it).
 
 import assert from "node:assert/strict";
 import { hasFeature, UBLK_F_BATCH_IO } from "../../ffi/ublk_cmd.ts";
