@@ -98,7 +98,31 @@ const symbols = {
   send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
-export const libc = Deno.dlopen("libc.so.6", symbols).symbols;
+type Libc = Deno.DynamicLibrary<typeof symbols>["symbols"];
+
+/**
+ * glibc's functions, each bound on first use. Deno compiles a call trampoline per symbol when it
+ * binds it: binding all of them up front cost 0.5 s of every process start in the test VM (TCG),
+ * where a CLI command uses a handful. A bound symbol replaces its getter, so later calls (the
+ * queue loop's io_uring_enter) read a plain property.
+ */
+export const libc: Libc = bindOnFirstUse();
+
+function bindOnFirstUse(): Libc {
+  const lazy = {} as Libc;
+  for (const name of Object.keys(symbols) as (keyof typeof symbols)[]) {
+    Object.defineProperty(lazy, name, {
+      configurable: true,
+      enumerable: true,
+      get() {
+        const bound = Deno.dlopen("libc.so.6", { [name]: symbols[name] }).symbols[name];
+        Object.defineProperty(lazy, name, { value: bound, enumerable: true });
+        return bound;
+      },
+    });
+  }
+  return lazy;
+}
 
 const errnoView = new Deno.UnsafePointerView(libc.__errno_location()!);
 

@@ -214,11 +214,12 @@ Deno.test("numeric options: empty, negative, huge, hex, exponent, padded and fra
     });
     await checkAll(runDir, [
       ...cases,
-      // A value that looks like a flag is refused by the parser itself.
+      // A value that looks like a flag is still the option's value (as getopt takes it), and is
+      // refused in the option's words.
       {
         args: ["attach", "--depth", "-1", good],
         code: 2,
-        pattern: /argument is ambiguous/,
+        pattern: /--depth must be a whole number, got "-1"$/,
         what: "--depth -1",
       },
       {
