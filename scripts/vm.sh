@@ -5,12 +5,15 @@
 # Streams the console to stdout and exits with the command's exit status; stage timings go to
 # stderr. A VM that never reports the status (boot failure, panic, timeout) exits 125, loudly.
 #
-# Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--timeout SECONDS]
-#                      [--boot-timeout SECONDS] [--disk-size SIZE] [--keep-disk PATH]
+# Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--one-host-thread]
+#                      [--timeout SECONDS] [--boot-timeout SECONDS] [--disk-size SIZE] [--keep-disk PATH]
 #                      [--append KERNEL-PARAMS] [--with DIR] [--refresh-kernel] [--crash-ok]
 #                      [--] CMD ARGS...
 #   --timeout S       whole run, boot included (default 2400); --boot-timeout S: boot to the
 #                     command (default 300; a boot that does not get there is retried once)
+#   --one-host-thread the vCPUs take turns on one host thread (TCG thread=single), for VMs that
+#                     run side by side: the guest still has --cpus CPUs (also with
+#                     FASTLOOP_VM_ONE_HOST_THREAD=1 in the environment)
 #   --keep-disk PATH  use PATH as /dev/vda (created sparse if missing) and keep it afterwards, e.g.
 #                     for a second boot of the same disk
 #   --append PARAMS   extra kernel command line (e.g. "loglevel=7" to see the boot)
@@ -28,6 +31,8 @@ cache="$root/.cache/vm"
 kernel=6.12
 mem=3072
 cpus=2
+tcg_thread=multi
+if [ "${FASTLOOP_VM_ONE_HOST_THREAD:-}" = 1 ]; then tcg_thread=single; fi
 timeout_s=2400
 boot_timeout_s=300
 append=""
@@ -45,6 +50,7 @@ while [ $# -gt 0 ]; do
     --kernel) kernel="${2:?--kernel needs 6.12 or 7.3}"; shift 2 ;;
     --mem) mem="${2:?--mem needs MiB}"; shift 2 ;;
     --cpus) cpus="${2:?--cpus needs a count}"; shift 2 ;;
+    --one-host-thread) tcg_thread=single; shift ;;
     --timeout) timeout_s="${2:?--timeout needs seconds}"; shift 2 ;;
     --boot-timeout) boot_timeout_s="${2:?--boot-timeout needs seconds}"; shift 2 ;;
     --append) append="${2:?--append needs kernel parameters}"; shift 2 ;;
@@ -231,7 +237,7 @@ fi
 # blocks on a fastloop device) are exactly that: the fstrim test failed 2 runs in 39 on Debian 12's
 # QEMU 7.2, and 0 in 30 with this. The guest's block layer merges anyway.
 qemu=(
-  qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m "$mem" -smp "$cpus"
+  qemu-system-x86_64 -accel "tcg,thread=$tcg_thread" -cpu max -m "$mem" -smp "$cpus"
   -nographic -no-reboot -nic none
   -kernel "$kdir/vmlinuz" -initrd "$initrd"
   -append "console=ttyS0 quiet panic=-1${append:+ $append}"
