@@ -40,13 +40,14 @@ timings="$logdir/timings"
 : >"$results"
 : >"$timings"
 now() { echo "${EPOCHREALTIME/,/.}"; }
+without_colours() { sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' "$1"; }
 
 # The last deno test summary of a log ("ok | 3 passed | 0 failed (2s)", also with "(N steps)")
 # as "PASSED FAILED". A log without one, or a non-zero exit with no failed test in the summary,
 # counts one failure more: something broke outside the tests.
 count_results() {
   local log="$1" rc="$2" summary passed=0 failed=0
-  summary="$(sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' "$log" |
+  summary="$(without_colours "$log" |
     grep -E '^(ok|FAILED) \| [0-9]+ passed' | tail -n 1 || true)"
   if [ -z "$summary" ]; then
     echo "test-all: no deno test summary in this stage's output (exit status $rc): counted as 1 failure" >&2
@@ -72,11 +73,7 @@ run_stage() {
   shift 2
   echo "=== test-all: $name" >&2
   t0="$(now)"
-  if [ -n "$lane" ]; then
-    "$@" 2>&1 | tee "$log" | sed -u "s/^/[$lane] /"
-  else
-    "$@" 2>&1 | tee "$log"
-  fi
+  "$@" 2>&1 | tee "$log" | sed -u "s/^/${lane:+[$lane] }/"
   rc="${PIPESTATUS[0]}"
   printf '%s\t%s\t%s\n' "$name" "$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')" \
     "$rc" >>"$timings"
@@ -145,7 +142,7 @@ fi
 while IFS=$'\t' read -r name passed failed log; do
   if [ "$failed" != 0 ] && [ -f "$log" ]; then
     echo "=== test-all: failures in '$name'" >&2
-    sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' "$log" >"$log.plain"
+    without_colours "$log" >"$log.plain"
     if grep -q '^ ERRORS' "$log.plain"; then
       sed -n '/^ ERRORS/,$p' "$log.plain" | head -n 150
     else

@@ -6,14 +6,14 @@
 # stderr. A VM that never reports the status (boot failure, panic, timeout) exits 125, loudly.
 #
 # Usage: scripts/vm.sh [--kernel 6.12|7.3] [--mem MiB] [--cpus N] [--one-host-thread]
-#                      [--timeout SECONDS] [--boot-timeout SECONDS] [--disk-size SIZE] [--keep-disk PATH]
+#                      [--timeout SECONDS] [--boot-timeout SECONDS] [--disk-size SIZE]
+#                      [--keep-disk PATH]
 #                      [--append KERNEL-PARAMS] [--with DIR] [--refresh-kernel] [--crash-ok]
 #                      [--] CMD ARGS...
 #   --timeout S       whole run, boot included (default 2400); --boot-timeout S: boot to the
 #                     command (default 300; a boot that does not get there is retried once)
 #   --one-host-thread the vCPUs take turns on one host thread (TCG thread=single), for VMs that
-#                     run side by side: the guest still has --cpus CPUs (also with
-#                     FASTLOOP_VM_ONE_HOST_THREAD=1 in the environment)
+#                     run side by side: the guest still has --cpus CPUs
 #   --keep-disk PATH  use PATH as /dev/vda (created sparse if missing) and keep it afterwards, e.g.
 #                     for a second boot of the same disk
 #   --append PARAMS   extra kernel command line (e.g. "loglevel=7" to see the boot)
@@ -22,7 +22,8 @@
 #   --refresh-kernel  look for a newer kernel package instead of reusing the cached one
 #   --crash-ok        the command cuts the power itself (sysrq): a VM that stops after the command
 #                     started, without an exit status, exits 0 instead of 125
-# Environment: FASTLOOP_* variables and CI, NO_COLOR are passed into the VM's command.
+# Environment: FASTLOOP_* variables and CI, NO_COLOR are passed into the VM's command;
+# FASTLOOP_VM_ONE_HOST_THREAD=1 is --one-host-thread (scripts/test-all.sh sets it for its lanes).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,7 +43,8 @@ refresh=""
 crash_ok=0
 with_dir=""
 usage() {
-  sed -n '7,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '/^# Usage:/,/^# FASTLOOP_VM_ONE_HOST_THREAD/p' "${BASH_SOURCE[0]}" |
+    sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 while [ $# -gt 0 ]; do
